@@ -1,0 +1,184 @@
+"""The run folder: round paths, the run's fixed config, which policy is current, prompt slices, seeds.
+
+    runs/<run>/
+      config.toml                 fixed when the run is created
+      prompts/ eval-sets/         written by `scope prepare`
+      policy-000/                 the base policy
+      round-001/<stage>/          shard-NNNNN.parquet + _manifest/
+      round-001/train/            metrics.parquet, state/
+      policy-001/                 written by round 1's train-step
+
+A policy folder is complete when it holds ``scope-policy.json`` (written last, after the weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from scope_cli.config import Config, ConfigError, differing_keys, from_dict, load_config, read_toml, to_toml
+from scope_cli.errors import ScopeError
+from scope_cli.shards import ShardError, write_text_atomic
+
+STAGES = ("rollouts", "verified", "scored", "located", "rectified")
+POLICY_MARKER = "scope-policy.json"
+
+
+class RunError(ScopeError):
+    """A run-level problem (missing input, refused config): one line."""
+
+
+def run_root(run: str, runs_dir: str | Path = "runs") -> Path:
+    """A bare name lives under runs_dir; anything with a slash is a path."""
+    return Path(run) if ("/" in run or run.startswith(".")) else Path(runs_dir) / run
+
+
+class Run:
+    def __init__(self, root: Path, config: Config):
+        self.root = Path(root)
+        self.config = config
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        toml_path: str | None = None,
+        overrides: list[str] | None = None,
+        force: bool = False,
+        create: bool = False,
+    ) -> "Run":
+        """Open (or create) a run. An existing run's config is the base; a `--config`/`--set` that
+        changes a key is refused, naming the keys, unless `force`, which records the new config."""
+        root = Path(root)
+        stored = root / "config.toml"
+        if stored.exists():
+            base = from_dict(read_toml(stored), str(stored))
+            if toml_path is None and not overrides:
+                return cls(root, base)
+            wanted = load_config(toml_path, overrides, base=from_dict(read_toml(stored), str(stored)))
+            changed = differing_keys(base, wanted)
+            if changed and not force:
+                raise ConfigError(
+                    f"{stored}: the run's config is fixed; these keys differ: {', '.join(changed)} "
+                    "(rerun with --force to accept the new config and recompute what depends on them)"
+                )
+            if changed or differing_keys(base, wanted, include_operational=True):
+                write_text_atomic(to_toml(wanted), stored)
+            return cls(root, wanted)
+        if not create:
+            raise RunError(f"{root}: no run here (no config.toml); create it with `scope prepare`")
+        cfg = load_config(toml_path, overrides)
+        root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(to_toml(cfg), stored)
+        return cls(root, cfg)
+
+    # ---- paths -----------------------------------------------------------------------------------
+    @property
+    def prompts_dir(self) -> Path:
+        return self.root / "prompts"
+
+    @property
+    def eval_sets_dir(self) -> Path:
+        return self.root / "eval-sets"
+
+    def round_dir(self, round_: int) -> Path:
+        return self.root / f"round-{round_:03d}"
+
+    def stage_dir(self, round_: int, folder: str) -> Path:
+        return self.round_dir(round_) / folder
+
+    def train_dir(self, round_: int) -> Path:
+        return self.round_dir(round_) / "train"
+
+    def eval_dir(self, round_: int) -> Path:
+        return self.round_dir(round_) / "eval"
+
+    def policy_dir(self, round_: int) -> Path:
+        return self.root / f"policy-{round_:03d}"
+
+    def rounds(self) -> list[int]:
+        return sorted(int(p.name[6:]) for p in self.root.glob("round-[0-9][0-9][0-9]") if p.is_dir())
+
+    def last_policy_round(self) -> int | None:
+        done = [int(p.name[7:]) for p in self.root.glob("policy-[0-9][0-9][0-9]") if policy_complete(p)]
+        return max(done) if done else None
+
+    def input_policy(self, round_: int) -> Path:
+        """The policy round R samples from and trains: policy-(R-1), which must be complete."""
+        if round_ < 1:
+            raise RunError(f"round must be >= 1, got {round_}")
+        path = self.policy_dir(round_ - 1)
+        if not policy_complete(path):
+            last = self.last_policy_round()
+            hint = (
+                f"the last complete policy is policy-{last:03d}; run round {last + 1} first"
+                if last is not None
+                else "run `scope prepare` first"
+            )
+            raise RunError(f"{path}: policy missing or incomplete ({hint})")
+        return path
+
+    # ---- prompts -----------------------------------------------------------------------------------
+    def prompt_ids(self) -> list[str]:
+        """All training prompt ids, sorted (the order slices are drawn from)."""
+        import pyarrow.parquet as pq
+
+        from scope_cli.shards import list_shard_files
+
+        files = list_shard_files(self.prompts_dir)
+        if not files:
+            raise ShardError(f"{self.prompts_dir}: no prompt shards; run `scope prepare` first")
+        ids: list[str] = []
+        for f in files:
+            ids.extend(pq.read_table(f, columns=["prompt_id"]).column(0).to_pylist())
+        return sorted(ids)
+
+    def round_prompt_ids(self, round_: int) -> list[str]:
+        return round_slice(self.prompt_ids(), self.config.run.seed, round_,
+                           self.config.generate.prompts_per_round)
+
+
+def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> list[str]:
+    """Round R's prompts: positions [(R-1)·P, R·P) of the concatenated per-epoch permutations.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch), so prompts are drawn without replacement
+    within an epoch, and a round's slice depends only on (seed, round) — never on what ran before.
+    """
+    n = len(all_ids)
+    if n == 0:
+        raise RunError("no training prompts")
+    start = (round_ - 1) * per_round
+    out = []
+    for pos in range(start, start + per_round):
+        epoch, offset = divmod(pos, n)
+        perm = _epoch_permutation(n, seed, epoch)
+        out.append(all_ids[perm[offset]])
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE[key] = np.random.default_rng([seed, epoch, 0x5C0BE]).permutation(n)
+    return _PERM_CACHE[key]
+
+
+def row_seed(seed: int, round_: int, prompt_id: str, sample_idx: int) -> int:
+    """Per-row randomness: hash(run seed, round, prompt_id, sample_idx) as a 63-bit int."""
+    blob = f"{seed}\x00{round_}\x00{prompt_id}\x00{sample_idx}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+def policy_complete(path: Path) -> bool:
+    return (Path(path) / POLICY_MARKER).exists()
+
+
+def mark_policy_complete(path: Path, info: dict) -> None:
+    write_text_atomic(json.dumps(info, indent=1, sort_keys=True) + "\n", Path(path) / POLICY_MARKER)

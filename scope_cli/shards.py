@@ -1,0 +1,327 @@
+"""Parquet shard I/O: atomic writes, per-shard manifests, skip/resume, locks, schema checks.
+
+A stage folder holds ``shard-NNNNN.parquet`` plus ``_manifest/shard-NNNNN.json``. A shard is done when
+its output and a manifest whose inputs (size + sha256) and config hash match exist. Outputs are written
+to a temporary name in the same folder and renamed, so a crash never leaves a file a reader would take
+as done; the manifest is written last. Timings live only in manifests, never in Parquet.
+
+Concurrent workers take an ``flock`` on ``_locks/shard-NNNNN.lock`` (released by the kernel when the
+process dies) and skip shards another worker holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scope_cli import __version__
+from scope_cli.errors import ScopeError
+from scope_cli.schema import STAGE_OUTPUTS
+
+
+class ShardError(ScopeError):
+    """A bad or missing shard: the message is one line naming the file and what was expected."""
+
+
+# ---- names -----------------------------------------------------------------------------------------
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def shard_path(stage_dir: Path, index: int) -> Path:
+    return Path(stage_dir) / shard_name(index)
+
+
+def manifest_path(stage_dir: Path, index: int) -> Path:
+    return Path(stage_dir) / "_manifest" / f"shard-{index:05d}.json"
+
+
+def list_shard_files(stage_dir: Path) -> list[Path]:
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p for p in stage_dir.glob("shard-*.parquet") if p.name[6:11].isdigit())
+
+
+# ---- atomic writes ---------------------------------------------------------------------------------
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write deterministically (no timestamps in the file) to a temp name, then rename."""
+    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=True))
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def file_digest(path: Path, root: Path | None = None) -> dict[str, Any]:
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+    return {"path": name, "size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def folder_digest(folder: Path) -> str:
+    """One hash over every file of a folder (names and contents), e.g. a policy."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(file_digest(p)["sha256"].encode())
+    return h.hexdigest()[:16]
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+def read_shard(path: Path, required: pa.Schema | None = None) -> pa.Table:
+    """Read one shard; with `required`, check that every column exists with a compatible type."""
+    path = Path(path)
+    if not path.exists():
+        raise ShardError(f"{path}: shard does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    if required is not None:
+        check_columns(table, path, required)
+    return table
+
+
+def _writer_of(column: str) -> str:
+    """The earliest stage whose output has `column` (STAGE_OUTPUTS is in pipeline order)."""
+    for schema, stage in STAGE_OUTPUTS.values():
+        if column in schema.names:
+            return stage
+    return "an earlier stage"
+
+
+def check_columns(table: pa.Table, path: Path, required: pa.Schema) -> None:
+    missing = [f.name for f in required if f.name not in table.column_names]
+    if missing:
+        writers = sorted({_writer_of(c) for c in missing})
+        raise ShardError(
+            f"{path}: missing columns {', '.join(missing)} (written by {', '.join(writers)})"
+        )
+    for fld in required:
+        got = table.schema.field(fld.name).type
+        if got != fld.type and not _castable(got, fld.type):
+            raise ShardError(f"{path}: column {fld.name} has type {got}, expected {fld.type}")
+
+
+def _castable(got: pa.DataType, want: pa.DataType) -> bool:
+    if pa.types.is_null(got):
+        return True
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(t(got) for t in numeric) and any(t(want) for t in numeric):
+        return True
+    if pa.types.is_large_string(got) and pa.types.is_string(want):
+        return True
+    if (pa.types.is_list(got) or pa.types.is_large_list(got)) and pa.types.is_list(want):
+        return _castable(got.value_type, want.value_type)
+    return False
+
+
+def read_stage(stage_dir: Path, required: pa.Schema | None = None) -> pa.Table:
+    """All shards of a stage folder as one Arrow table (in shard order)."""
+    files = list_shard_files(stage_dir)
+    if not files:
+        raise ShardError(f"{stage_dir}: no shards (has the stage that writes it run?)")
+    tables = [read_shard(p, required) for p in files]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_stage_df(stage_dir: Path, lazy: bool = False):  # -> polars DataFrame | LazyFrame
+    """A whole stage as one polars DataFrame (or LazyFrame) — what users inspect."""
+    import polars as pl
+
+    files = list_shard_files(stage_dir)
+    if not files:
+        raise ShardError(f"{stage_dir}: no shards (has the stage that writes it run?)")
+    frame = pl.scan_parquet([str(p) for p in files])
+    return frame if lazy else frame.collect()
+
+
+# ---- locks and workers ---------------------------------------------------------------------------
+@contextmanager
+def shard_lock(stage_dir: Path, index: int) -> Iterator[bool]:
+    """Yield True when this process holds the shard's lock, False when another process does."""
+    lock_path = Path(stage_dir) / "_locks" / f"shard-{index:05d}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+def worker_slot(shard_index: int | None = None, num_shards: int | None = None) -> tuple[int, int]:
+    """(index, count) of this worker: explicit flags, else RANK/WORLD_SIZE, else SLURM arrays."""
+    if shard_index is not None or num_shards is not None:
+        index, count = shard_index or 0, num_shards or 1
+    elif "WORLD_SIZE" in os.environ:
+        index, count = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        base = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - base
+        count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        index, count = 0, 1
+    if count < 1 or not 0 <= index < count:
+        raise ShardError(f"worker slot {index} of {count} is out of range (need 0 <= index < count)")
+    return index, count
+
+
+# ---- running a sharded stage -----------------------------------------------------------------------
+@dataclass
+class ShardJob:
+    """One output shard: which files it reads and how to compute it."""
+
+    index: int
+    inputs: list[Path]
+    compute: Callable[[], tuple[pa.Table, dict[str, Any]]]
+
+
+@dataclass
+class StageResult:
+    computed: list[int] = field(default_factory=list)
+    skipped_done: list[int] = field(default_factory=list)
+    skipped_locked: list[int] = field(default_factory=list)
+    not_mine: list[int] = field(default_factory=list)
+
+
+def is_done(stage_dir: Path, index: int, inputs: list[Path], cfg_hash: str, root: Path) -> bool:
+    out, man = shard_path(stage_dir, index), manifest_path(stage_dir, index)
+    if not out.exists() or not man.exists():
+        return False
+    try:
+        manifest = json.loads(man.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    if manifest.get("config_hash") != cfg_hash:
+        return False
+    if manifest.get("output", {}).get("size") != out.stat().st_size:
+        return False
+    recorded = [(i["path"], i["size"], i["sha256"]) for i in manifest.get("inputs", [])]
+    current = [(d["path"], d["size"], d["sha256"]) for d in (file_digest(p, root) for p in inputs)]
+    return recorded == current
+
+
+def engine_versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run_shards(
+    stage: str,
+    stage_dir: Path,
+    jobs: list[ShardJob],
+    cfg_hash: str,
+    config_keys: list[str],
+    root: Path,
+    engines: dict[str, str] | None = None,
+    force: bool = False,
+    worker: tuple[int, int] = (0, 1),
+    headline: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> StageResult:
+    """Compute every job of this worker that is not done; skip shards locked by another worker.
+
+    `headline` ({"label", "num", "den"}) tells `scope status` which summary counters make the
+    stage's headline metric.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=quiet)
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    result = StageResult()
+    index, count = worker
+    mine = [j for j in jobs if j.index % count == index]
+    result.not_mine = [j.index for j in jobs if j.index % count != index]
+    for job in mine:
+        for p in job.inputs:
+            if not Path(p).exists():
+                raise ShardError(f"{p}: input of {stage} shard {job.index} does not exist")
+        with shard_lock(stage_dir, job.index) as held:
+            if not held:
+                result.skipped_locked.append(job.index)
+                continue
+            if not force and is_done(stage_dir, job.index, job.inputs, cfg_hash, root):
+                result.skipped_done.append(job.index)
+                continue
+            inputs = [file_digest(p, root) for p in job.inputs]
+            start = time.perf_counter()
+            table, summary = job.compute()
+            seconds = time.perf_counter() - start
+            out = shard_path(stage_dir, job.index)
+            write_parquet_atomic(table, out)
+            manifest = {
+                "stage": stage,
+                "shard": job.index,
+                "num_shards": len(jobs),
+                "inputs": inputs,
+                "output": {"path": out.name, "size": out.stat().st_size},
+                "config_hash": cfg_hash,
+                "config_keys": sorted(config_keys),
+                "engines": engines or engine_versions("pyarrow"),
+                "code_version": __version__,
+                "rows": table.num_rows,
+                "seconds": round(seconds, 4),
+                "summary": summary,
+                "headline": headline or {},
+            }
+            write_json_atomic(manifest, manifest_path(stage_dir, job.index))
+            result.computed.append(job.index)
+            console.print(f"{stage}: shard {job.index} ({table.num_rows} rows, {seconds:.1f}s)")
+    return result
