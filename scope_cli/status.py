@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from scope_cli.errors import ScopeError
+
 STAGE_FOLDERS = ("rollouts", "verified", "scored", "located", "rectified", "train", "eval")
 
 
@@ -70,8 +72,7 @@ def print_status(root: Path) -> None:
     console = Console()
     root = Path(root)
     if not (root / "config.toml").exists():
-        console.print(f"[red]{root}: no run here (no config.toml)[/red]")
-        raise SystemExit(1)
+        raise ScopeError(f"{root}: no run here (no config.toml)")
     table = Table(title=f"run {root}")
     for col in ("round", "stage", "shards", "rows", "seconds", "headline"):
         table.add_column(col, justify="right" if col in ("shards", "rows", "seconds") else "left")

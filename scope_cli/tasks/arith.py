@@ -111,10 +111,11 @@ def solve_from(problem: str, prefix_steps: list[str], rng: random.Random) -> str
     remaining = Counter(terms)
     for i, step in enumerate(prefix_steps):
         m = _STEP.match(step)
-        if not m or int(m.group(1)) != value or remaining[(m.group(2), int(m.group(3)))] == 0:
+        term = (m.group(2), int(m.group(3))) if m else None
+        if not m or int(m.group(1)) != value or remaining[term] == 0 or int(m.group(4)) != apply(value, *term):
             raise ValueError(f"prefix step {i} ({step!r}) is not a correct step of {problem}")
-        remaining[(m.group(2), int(m.group(3)))] -= 1
-        value = apply(value, m.group(2), int(m.group(3)))
+        remaining[term] -= 1
+        value = apply(value, *term)
     todo = list(remaining.elements())
     todo.sort()
     rng.shuffle(todo)

@@ -1,0 +1,166 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from scope_cli.app import app
+from scope_cli.runs import Run
+from scope_cli.shards import read_stage
+from stages.prepare import PrepareError, prepare, prompt_id
+
+
+def make_run(tmp_path, *overrides):
+    return Run.open(tmp_path / "run", None, ["policy.path=" + str(tmp_path / "nopolicy"), *overrides],
+                    create=True)
+
+
+def verl_table():
+    """A Parquet file in verl's schema, as verl's preprocessing scripts (and LUFFY) write it."""
+    chat = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
+    return pa.table({
+        "data_source": ["openr1", "openr1", "aime"],
+        "prompt": pa.array([[{"content": "Find 1+1.", "role": "user"}],
+                            [{"content": "You are helpful.", "role": "system"},
+                             {"content": "Solve x+2=5.", "role": "user"}],
+                            [{"content": "Find 1+1.", "role": "user"}]], type=chat),
+        "ability": ["math", "math", "math"],
+        "reward_model": pa.array([{"style": "rule", "ground_truth": "2"},
+                                  {"style": "rule", "ground_truth": "3"},
+                                  {"style": "rule", "ground_truth": "2"}],
+                                 type=pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        "extra_info": pa.array([{"split": "train", "index": 0}, {"split": "train", "index": 1},
+                                {"split": "train", "index": 2}],
+                               type=pa.struct([("split", pa.string()), ("index", pa.int64())])),
+        "target": pa.array([[{"content": "1+1=2. \\boxed{2}", "role": "assistant"}],
+                            [{"content": "x=3 \\boxed{3}", "role": "assistant"}],
+                            [{"content": "2", "role": "assistant"}]], type=chat),
+    })
+
+
+def test_verl_parquet_written_elsewhere(tmp_path):
+    src = tmp_path / "train.parquet"
+    pq.write_table(verl_table(), src)
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math")
+    summary = prepare(run, quiet=True)
+    rows = read_stage(run.prompts_dir).to_pylist()
+    assert summary["prompts"] == 2 and summary["duplicates"] == 1  # the same problem twice (same answer)
+    first, second = rows
+    assert first["problem"] == "Find 1+1." and first["answer"] == "2" and first["task"] == "math"
+    assert first["messages"] == [{"role": "user", "content": "Find 1+1."}]
+    assert second["messages"][0] == {"role": "system", "content": "You are helpful."}
+    assert second["problem"] == "Solve x+2=5." and second["solution"] == "x=3 \\boxed{3}"
+    assert json.loads(first["extra_info"]) == {"index": 0, "split": "train"}
+    assert first["data_source"] == "openr1"
+    assert first["prompt_id"] == prompt_id("math", "Find 1+1.")
+
+
+def test_conflicting_duplicates_name_both_sources(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"problem": "2+2", "answer": "4"}\n{"problem": "3+3", "answer": "6"}\n'
+                   '{"problem": "2+2", "answer": "5"}\n')
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math")
+    with pytest.raises(PrepareError) as err:
+        prepare(run, quiet=True)
+    assert f"{src}:3: same problem as {src}:1 with a different answer ('5' vs '4')" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"problem": "2+2"}\n', "d.jsonl:1: missing field answer"),
+        (b'{"answer": "4"}\n', "d.jsonl:1: missing field problem"),
+        (b'{"problem": "2+2", "answer": "4"}\n{oops\n', "d.jsonl:2: not valid JSON"),
+        (b'{"problem": "2+2\xff", "answer": "4"}\n', "d.jsonl:1: not valid UTF-8 text"),
+        (b"", "d.jsonl: no rows"),
+        (b'{"problem": "  ", "answer": "4"}\n', "d.jsonl:1: empty problem"),
+    ],
+)
+def test_bad_jsonl_is_one_line(tmp_path, content, message):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(content)
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math")
+    with pytest.raises(PrepareError) as err:
+        prepare(run, quiet=True)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_local_hf_dataset_folder_and_eval_sources(tmp_path):
+    # a `save_to_disk` folder: one Arrow IPC stream per split
+    folder = tmp_path / "ds"
+    (folder / "train").mkdir(parents=True)
+    table = pa.table({"problem": ["a+b", "c+d", "e+f"], "answer": ["1", "2", "3"],
+                      "solution": ["s1", None, "s3"], "level": [1, 2, 3]})
+    with pa.OSFile(str(folder / "train" / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"problem": "c+d", "answer": "2"}\n{"problem": "x+y", "answer": "9"}\n')
+    run = make_run(tmp_path, f"prepare.source={folder}", "task.name=math",
+                   f'prepare.eval_sources=["held={held}"]')
+    summary = prepare(run, quiet=True)
+    assert summary["removed_eval_overlap"] == 1  # eval sets are disjoint from the prompts
+    rows = read_stage(run.prompts_dir).to_pylist()
+    assert [r["problem"] for r in rows] == ["a+b", "e+f"]
+    assert [r["difficulty"] for r in rows] == [1, 3]
+    evals = pq.read_table(run.eval_sets_dir / "held.parquet").to_pylist()
+    assert [r["problem"] for r in evals] == ["c+d", "x+y"]
+
+
+def test_arith_prepare_is_disjoint_deterministic_and_resumable(tmp_path):
+    run = make_run(tmp_path, "prepare.train_size=300", "prepare.eval_size=100", "prepare.ood_size=50",
+                   "prepare.shard_rows=128")
+    summary = prepare(run, quiet=True)
+    assert summary["prompts"] == 300 and summary["eval:heldout"] == 100 and summary["eval:ood"] == 50
+    assert "missing" in summary["policy-000"]
+    train = read_stage(run.prompts_dir).to_pylist()
+    held = pq.read_table(run.eval_sets_dir / "heldout.parquet").to_pylist()
+    ood = pq.read_table(run.eval_sets_dir / "ood.parquet").to_pylist()
+    problems = [r["problem"] for r in train]
+    assert not set(problems) & {r["problem"] for r in held}
+    assert {r["difficulty"] for r in ood} == {7, 8}
+    assert len(list(run.prompts_dir.glob("shard-*.parquet"))) == 3
+    before = {p.name: p.read_bytes() for p in run.prompts_dir.glob("shard-*.parquet")}
+    assert prepare(run, quiet=True)["skipped"] == "already prepared"
+    other = Run.open(tmp_path / "run2", None, ["policy.path=" + str(tmp_path / "nopolicy"),
+                                               "prepare.train_size=300", "prepare.eval_size=100",
+                                               "prepare.ood_size=50", "prepare.shard_rows=128"], create=True)
+    prepare(other, quiet=True)
+    assert before == {p.name: p.read_bytes() for p in other.prompts_dir.glob("shard-*.parquet")}
+
+
+def test_policy_is_copied_without_pickles(tmp_path):
+    src = tmp_path / "pol"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"pickle")
+    (src / "modeling_evil.py").write_text("import os")
+    run = Run.open(tmp_path / "run", None, [f"policy.path={src}", "prepare.train_size=50",
+                                            "prepare.eval_size=10", "prepare.ood_size=10"], create=True)
+    prepare(run, quiet=True)
+    files = sorted(p.name for p in run.policy_dir(0).iterdir())
+    assert files == ["config.json", "model.safetensors", "scope-policy.json", "tokenizer.json"]
+    assert run.input_policy(1) == run.policy_dir(0)
+
+
+def test_cli_prepare_status_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCOPE_RUNS_DIR", str(tmp_path / "runs"))
+    cli = CliRunner()
+    args = ["--run", "demo", "--set", "prepare.train_size=64", "--set", "prepare.eval_size=16",
+            "--set", "prepare.ood_size=8", "--set", f"policy.path={tmp_path / 'none'}"]
+    res = cli.invoke(app, ["prepare", *args, "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "prompts: 64" in res.output
+    res = cli.invoke(app, ["status", "--run", "demo"])
+    assert res.exit_code == 0 and "prompts" in res.output and "64" in res.output
+    res = cli.invoke(app, ["prepare", "--run", "demo", "--set", "verfy.timeout=3"])
+    assert res.exit_code == 2
+    assert "unknown section 'verfy' in '--set verfy.timeout=3'; did you mean 'verify'?" in res.output
+    res = cli.invoke(app, ["prepare", "--run", "demo", "--set", "generate.n=3"])
+    assert res.exit_code == 2 and "these keys differ: generate.n" in res.output
+    res = cli.invoke(app, ["status", "--run", "nothing"])
+    assert res.exit_code == 2 and "no run here" in res.output
