@@ -1,7 +1,8 @@
 """Tasks: data + answer check + step split (+ an optional exact step checker and solver).
 
 A task is a module with the same names: NAME, STEP_SEPARATOR, split_steps, step_texts,
-canonical_solution, format_prompt, extract_answer, first_error_step (or None), solve_from (or None).
+canonical_solution, format_prompt, extract_answer, first_error_step (or None), solve_from (or None);
+optionally check(answer, pred) -> bool where the answer is not checked by math-verify (choice).
 A row's task is its `task` column; `data_source` picks one when a source names none.
 """
 
@@ -10,9 +11,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from scope_cli.tasks import arith, math
+from scope_cli.tasks import arith, choice, math
 
-TASKS: dict[str, ModuleType] = {"arith": arith, "math": math}
+TASKS: dict[str, ModuleType] = {"arith": arith, "math": math, "choice": choice}
+
+# data_source names (as in the usual eval suites) that are multiple-choice sets
+CHOICE_SOURCES = ("arc", "gpqa", "mmlu")
 
 
 def get_task(name: str) -> ModuleType:
@@ -27,6 +31,8 @@ def task_for_source(data_source: str | None, default: str) -> str:
     source = (data_source or "").lower()
     if source in TASKS:
         return source
+    if any(name in source for name in CHOICE_SOURCES):
+        return "choice"
     return default
 
 
