@@ -84,6 +84,315 @@ def prepare(
 
 @app.command()
 @one_line_errors
+def generate(
+    round_: RoundOpt,
+    run: RunOpt = "default",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard_index: ShardIndexOpt = None,
+    num_shards: NumShardsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sample generate.n responses per prompt of round R from policy-(R-1): prompts -> rollouts."""
+    from rich.console import Console
+
+    from scope_cli.shards import worker_slot
+    from scope_cli.status import stage_summary
+    from stages.generate import generate as generate_stage
+
+    the_run = open_run(run, config, set_, force)
+    generate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    totals = stage_summary(the_run.stage_dir(round_, "rollouts"))
+    tokens, rows, seconds = totals["summary"].get("tokens", 0), totals["rows"], totals["seconds"]
+    Console(stderr=True, quiet=quiet).print(
+        f"generate: round {round_}: {totals['shards']}/{totals['num_shards']} shards, {rows} rows, "
+        f"{tokens / max(rows, 1):.1f} tokens/row, {totals['summary'].get('length', 0)} cut at max_tokens, "
+        f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
+
+
+@app.command()
+@one_line_errors
+def verify(
+    round_: RoundOpt,
+    run: RunOpt = "default",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard_index: ShardIndexOpt = None,
+    num_shards: NumShardsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check each rollout's answer with math-verify (pred, correct, reward, verify_status): rollouts -> verified."""
+    from rich.console import Console
+
+    from scope_cli.shards import worker_slot
+    from scope_cli.status import stage_summary
+    from stages.verify import verify as verify_stage
+
+    the_run = open_run(run, config, set_, force)
+    verify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    totals = stage_summary(the_run.stage_dir(round_, "verified"))
+    s, rows = totals["summary"], totals["rows"]
+    counts = ", ".join(f"{k} {s.get(k, 0)}" for k in ("ok", "no_answer", "timeout", "error"))
+    Console(stderr=True, quiet=quiet).print(
+        f"verify: round {round_}: {totals['shards']}/{totals['num_shards']} shards, {rows} rows, "
+        f"acc {s.get('correct', 0) / max(rows, 1):.3f} ({counts}), "
+        f"{rows / max(totals['seconds'], 1e-9):.0f} items/s")
+
+
+@app.command("train-step")
+@one_line_errors
+def train_step(
+    run: RunOpt = "default",
+    round_: Annotated[Optional[int], typer.Option("--round", "-R", help="round number (1-based; rl)")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="rl (a round's update) | sft (bootstrap "
+                                           "a tiny policy from scratch)")] = "rl",
+    out: Annotated[Optional[str], typer.Option("--out", help="sft: the policy folder to write")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train: round R's RL update (policy-(R-1) + rectified batch -> policy-R; torchrun for DDP/FSDP2),
+    or `--objective sft --out DIR` to build a tiny arith policy from scratch."""
+    from rich.console import Console
+
+    from scope_cli.errors import ScopeError
+
+    if objective == "sft":
+        if not out:
+            raise ScopeError("train-step --objective sft: --out DIR (the policy folder to write) is required")
+        from scope_cli.config import load_config
+        from scope_cli.sft import sft
+
+        result = sft(load_config(config, set_ or []), out, quiet=quiet)
+        Console().print(f"wrote {out}: greedy accuracy {result['monitor_accuracy']:.3f} at step "
+                        f"{result['step']} ({result['seconds_per_step']:.3f} s/step, "
+                        f"{result['seconds']:.0f}s in all)")
+        return
+    if objective != "rl":
+        raise ScopeError(f"--objective: expected rl or sft, got {objective!r}")
+    if round_ is None:
+        raise ScopeError("train-step --objective rl: --round R is required")
+    from stages.train_step import train_step as train_stage
+
+    the_run = open_run(run, config, set_, force)
+    result = train_stage(the_run, round_, force=force, quiet=quiet)
+    if result.get("skipped"):
+        Console(stderr=True, quiet=quiet).print(f"train-step: round {round_} already done ({result['policy']})")
+
+
+@app.command("prm-score")
+@one_line_errors
+def prm_score(
+    round_: RoundOpt,
+    run: RunOpt = "default",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard_index: ShardIndexOpt = None,
+    num_shards: NumShardsOpt = None,
+    eval_against: Annotated[Optional[str], typer.Option(
+        "--eval-against", help="rule: measure the configured PRM against the task's exact checker "
+        "(ProcessBench-style F1) instead of writing scored/")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Split rollouts into steps and score them with a PRM: round-R/verified -> round-R/scored."""
+    from scope_cli.errors import ScopeError
+    from scope_cli.shards import worker_slot
+    from stages.prm_score import eval_against_rule, print_eval
+    from stages.prm_score import prm_score as prm_score_stage
+
+    the_run = open_run(run, config, set_, force)
+    if eval_against is not None:
+        if eval_against != "rule":
+            raise ScopeError(f"--eval-against: expected rule, got {eval_against!r}")
+        print_eval(eval_against_rule(the_run, round_))
+        return
+    prm_score_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
+                    quiet=quiet)
+
+
+@app.command("locate-error")
+@one_line_errors
+def locate_error(
+    round_: RoundOpt,
+    run: RunOpt = "default",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard_index: ShardIndexOpt = None,
+    num_shards: NumShardsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find each failed rollout's first wrong step and pick the rows to salvage: scored -> located."""
+    from scope_cli.shards import worker_slot
+    from stages.locate_error import locate_error as locate_stage
+
+    the_run = open_run(run, config, set_, force)
+    locate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+
+
+@app.command()
+@one_line_errors
+def rectify(
+    round_: RoundOpt,
+    run: RunOpt = "default",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard_index: ShardIndexOpt = None,
+    num_shards: NumShardsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the training batch (salvaged rows spliced with a guide's continuation): located -> rectified."""
+    from scope_cli.shards import worker_slot
+    from stages.rectify import rectify as rectify_stage
+
+    the_run = open_run(run, config, set_, force)
+    rectify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+
+
+@app.command("eval")
+@one_line_errors
+def eval_(
+    run: RunOpt = "default",
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", "-R", help="evaluate policy-R (0: the base policy) into round-R/eval/")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="evaluate this policy folder instead")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", help="with --policy: the folder to write (default <run>/eval-<folder name>)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard_index: ShardIndexOpt = None,
+    num_shards: NumShardsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Greedy accuracy, pass@k, maj@k and diversity of a policy on the run's held-out sets."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from scope_cli.shards import worker_slot
+    from stages.eval import evaluate
+
+    the_run = open_run(run, config, set_, force)
+    result = evaluate(the_run, round_, policy=Path(policy) if policy else None,
+                      out_dir=Path(out) if out else None, force=force,
+                      worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    console = Console(stderr=True, quiet=quiet)
+    if result["summary"] is None:
+        console.print(f"eval: {result['dir']}: computed {', '.join(result['computed']) or 'nothing'}; "
+                      "other sets are still running in other workers")
+        return
+    sets = {name: values for name, values in result["metrics"].items() if name != "train"}
+    shown = ("greedy_acc", "avg@1", *(f"pass@{k}" for k in the_run.config.eval.ks),
+             *(f"maj@{k}" for k in the_run.config.eval.ks), "distinct_correct_norm", "distinct-2",
+             "later_error_share")
+    table = Table(title=f"eval {result['policy'].name} -> {result['dir']}")
+    table.add_column("metric")
+    for name in sets:
+        table.add_column(name, justify="right")
+    for m in shown:
+        if any(m in values for values in sets.values()):
+            table.add_row(m, *(f"{values[m]:.3f}" if m in values else "-" for values in sets.values()))
+    Console(quiet=quiet).print(table)
+
+
+@app.command()
+@one_line_errors
+def report(
+    runs: Annotated[list[str], typer.Argument(help="run names (under $SCOPE_RUNS_DIR or ./runs) or paths")],
+    out: Annotated[Optional[str], typer.Option(
+        "--out", "-o", help="folder for report.png and report.md (default: <runs dir>/reports)")] = None,
+) -> None:
+    """One figure (accuracy, pass@k, diversity, entropy against optimizer updates) and one markdown
+    table comparing runs."""
+    from pathlib import Path
+
+    from scope_cli.report import report as write_report
+
+    out_dir = Path(out) if out else Path(os.environ.get("SCOPE_RUNS_DIR", "runs")) / "reports"
+    result = write_report([run_path(r) for r in runs], out_dir)
+    typer.echo(result["table"])
+    typer.echo(f"wrote {result['png']} and {result['markdown']}")
+
+
+@app.command("round")
+@one_line_errors
+def round_(
+    target: Annotated[int, typer.Argument(help="bring the run to this round (runs every unfinished round)")],
+    run: RunOpt = "default",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    isolate: Annotated[Optional[bool], typer.Option(
+        "--isolate/--no-isolate", help="one subprocess per stage (default: round.isolate)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval)."""
+    from rich.console import Console
+
+    from scope_cli.rounds import bring_to_round, round_table
+
+    the_run = open_run(run, config, set_, force)
+    ran = bring_to_round(the_run, target, quiet=quiet, isolate=isolate)
+    console = Console()
+    console.print(f"{the_run.root}: round {target} " + ("done" if ran else "already done"))
+    for row in round_table(the_run, target):
+        shown = {k: v for k, v in row.items() if k == "round" or k.endswith(("greedy_acc", "pass@8"))}
+        console.print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in shown.items()))
+
+
+@app.command()
+@one_line_errors
+def compare(
+    rounds: Annotated[int, typer.Option("--rounds", help="rounds per arm")] = 20,
+    seeds: Annotated[int, typer.Option("--seeds", help="seeds per arm (0..seeds-1)")] = 3,
+    name: Annotated[str, typer.Option("--name", help="prefix of the arms' run names")] = "mini",
+    algos: Annotated[str, typer.Option("--algos", help="comma-separated arms")] = "grpo,luffy,scope",
+    jobs: Annotated[int, typer.Option("--jobs", help="arms run at once (default: CPU count)")] = 0,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The miniature experiment: GRPO vs LUFFY vs SCOPE, same start and prompts, several seeds."""
+    from pathlib import Path
+
+    import polars as pl
+    from rich.console import Console
+
+    from scope_cli import compare as cmp
+    from scope_cli.shards import write_parquet_atomic, write_text_atomic
+
+    arms = [a.strip() for a in algos.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ("grpo", "luffy", "scope")]
+    if bad:
+        raise ScopeError(f"--algos: unknown arm {', '.join(bad)} (expected grpo, luffy, scope)")
+    runs_dir = Path(os.environ.get("SCOPE_RUNS_DIR", "runs"))
+    seed_list = list(range(seeds))
+    codes = cmp.run_arms(name, arms, seed_list, rounds, config, set_ or [], jobs or os.cpu_count() or 1,
+                         runs_dir)
+    failed = [r for r, c in codes.items() if c != 0]
+    if failed:
+        raise ScopeError(f"compare: arms failed: {', '.join(failed)} (logs in {runs_dir / (name + '-compare') / 'logs'})")
+    out = runs_dir / f"{name}-compare"
+    table = cmp.summarise(name, arms, seed_list, rounds, runs_dir)
+    columns = arms + [f"scope-{a}" for a in arms if a != "scope" and "scope" in arms]
+    markdown = cmp.to_markdown(table, columns)
+    write_parquet_atomic(pl.DataFrame(table).to_arrow(), out / "table.parquet")
+    write_text_atomic(f"# {name}: {', '.join(arms)}; {seeds} seeds; round {rounds}\n\n{markdown}", out / "table.md")
+    cmp.plot_curves(name, arms, seed_list, runs_dir, out / "curves.png",
+                    ("greedy_acc", "avg@1", "pass@8", "distinct_correct_norm", "later_error_share"))
+    Console().print(markdown)
+    Console().print(f"wrote {out / 'table.md'}, {out / 'table.parquet'}, {out / 'curves.png'}")
+
+
+@app.command()
+@one_line_errors
 def status(run: RunOpt = "default") -> None:
     """Shards done, rows, seconds and the headline metric of every stage of a run (reads manifests)."""
     from scope_cli.status import print_status

@@ -107,6 +107,11 @@ class PrmConfig:
     score: str = "failed"  # failed | all
     noise: float = 0.0  # probability per row of missing or shifting the first error
     batch_size: int = op(32)
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = op("auto")  # auto | cpu | cuda | cuda:N
+    step_tag: str = "ки"  # shepherd convention: the tag after each step
+    good_token: str = "+"  # shepherd convention: the "step is right" token
+    bad_token: str = "-"  # shepherd convention: the "step is wrong" token
 
 
 @dataclass
@@ -151,6 +156,7 @@ class TrainConfig:
     drop_unverified: bool = False
     tis_cap: float = 0.0  # truncated importance correction with the engine's logprobs (0: off)
     micro_batch_tokens: int = op(16384)
+    threads: int = op(1)  # CPU threads for training (0: torch's default); 1 is fastest for tiny models
     fsdp: bool = False
     activation_checkpointing: bool = False
     mixed_precision: str = "bf16"  # for FSDP on GPU
@@ -163,7 +169,14 @@ class SftConfig:
     lr: float = 3e-3
     target_accuracy: float = 0.40
     eval_every: int = 25
+    dense_from: float = 0.25  # evaluate every step once accuracy reaches this fraction of the target
     monitor_size: int = 200
+    seed: int = 0  # model init, problem draws and solution orders
+    train_size: int = 20000  # distinct training problems (the run's held-out eval problems excluded)
+    min_operands: int = 3
+    max_operands: int = 6
+    warmup_steps: int = 50
+    max_new_tokens: int = 64  # greedy decoding on the monitor set
     # tiny model shape
     hidden_size: int = 64
     layers: int = 4
@@ -173,13 +186,15 @@ class SftConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 1
+    every: int = 1  # evaluate policy-R when R % every == 0 (round 0, the base, and the last round always)
     sets: list[str] = field(default_factory=list)  # empty: every set in eval-sets/
     greedy: bool = True
-    n_samples: int = 16
-    temperature: float = 1.0
+    n_samples: int = 16  # samples per prompt at `temperature` (top_p / top_k / stop from [generate])
+    temperature: float = 1.0  # keep equal to generate.temperature: sampled metrics at the training T
     max_tokens: int = 64
-    limit: int = 0  # 0: whole set
+    limit: int = 0  # 0: whole set; else its first `limit` prompts
+    sampled_limit: int = 200  # sampled metrics (n_samples each) on the first K prompts of a set (0: all)
+    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # pass@k and maj@k for k <= n_samples
 
 
 @dataclass
@@ -226,6 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prm.backend": ("rule", "hf", "vllm"),
     "prm.convention": ("qwen", "shepherd"),
     "prm.score": ("failed", "all"),
+    "prm.dtype": ("auto", "float32", "bfloat16", "float16"),
     "locate.method": ("threshold", "argmin"),
     "rectify.mode": ("replace", "augment"),
     "rectify.guide": ("oracle", "model"),

@@ -45,9 +45,11 @@ def headline(totals: dict[str, Any]) -> str:
     num, den = values.get(spec.get("num")), values.get(spec.get("den"))
     if num is None:
         return ""
-    if den:
-        return f"{spec.get('label', spec['num'])} {num / den:.3f}"
-    return f"{spec.get('label', spec['num'])} {num}"
+    label = spec.get("label", spec["num"])
+    text = f"{label} {num / den:.3f}" if den else f"{label} {num}"
+    # counters the stage asks to show beside the headline when non-zero (verify: timeout, error)
+    extra = [f"{key} {values[key]}" for key in spec.get("show", []) if values.get(key)]
+    return ", ".join([text, *extra])
 
 
 def run_status(root: Path) -> list[dict[str, Any]]:

@@ -15,3 +15,15 @@ def _one_torch_thread():
         return
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def fitted_policy(tmp_path_factory):
+    """A tiny arith policy fitted for 60 steps (tests/gen_helpers.py): greedy decoding writes steps,
+    answers and EOS. Built once per test session."""
+    import torch
+
+    from gen_helpers import fit_tiny_policy
+
+    torch.set_num_threads(1)
+    return fit_tiny_policy(tmp_path_factory.mktemp("policies") / "fitted", steps=60)

@@ -1,0 +1,1 @@
+"""Engines behind the stages: generation (vLLM, transformers), math verification, PRMs, guides."""

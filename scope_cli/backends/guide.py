@@ -1,0 +1,120 @@
+"""Guides: who writes the correct continuation of a salvaged rollout's kept prefix.
+
+A guide receives `GuideRequest`s (the parent row, the kept steps, the kept text) and returns, for
+each, the text that follows ``prefix_text`` — the decode of the policy's kept tokens
+``response_ids[:offpolicy_start]`` — and how it finished ("stop" or "length"). Rectify tokenizes that
+text with the policy's tokenizer and appends it to the kept tokens.
+
+- ``oracle``: the task's exact solver (`task.solve_from`, arith): the rest of the kept step (the
+  characters the token cut left out, e.g. a separator merged into the next token) followed by a
+  correct continuation in a random order drawn from the request's seed. Always right.
+- ``model``: an LM (rectify.guide_path, e.g. data/policies/arith-guide) through the generation
+  backend, continuing the problem's prompt (the guide's own chat template, else the task's raw one)
+  followed by prefix_text, sampled at rectify.guide_temperature for at most rectify.max_tokens.
+  With rectify.guide_sees_reference, the reference solution comes first: inside the user message
+  where the guide has a chat template, else as a line before the raw prompt.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from scope_cli.errors import ScopeError
+from scope_cli.tasks import get_task, prompt_text
+
+
+class GuideError(ScopeError):
+    """A guide that cannot run for this task or config: one line."""
+
+
+@dataclass
+class GuideRequest:
+    row: dict[str, Any]  # the parent row (problem, task, messages, solution, ...)
+    kept_steps: list[str]  # the parent's correct steps that are kept (task step texts)
+    kept_text: str  # the parent's text through the end of its last kept step (separator included)
+    prefix_text: str  # decode(response_ids[:offpolicy_start]): a prefix of kept_text
+    seed: int  # the rectified row's seed; attempt k samples with a seed derived from it
+
+
+@dataclass
+class GuideOutput:
+    text: str  # what follows prefix_text
+    finish_reason: str  # stop | length
+
+
+class OracleGuide:
+    """The task's exact solver as the guide."""
+
+    max_tries = 1  # the solver is always right: retrying changes nothing
+
+    def continue_(self, requests: list[GuideRequest], attempt: int = 0) -> list[GuideOutput]:
+        out = []
+        for req in requests:
+            task = get_task(req.row["task"])
+            if getattr(task, "solve_from", None) is None:
+                raise GuideError(f"rectify.guide=oracle needs a task with an exact solver; task "
+                                 f"{task.NAME} has none (use rectify.guide=model)")
+            rng = random.Random(f"oracle\x00{req.seed}\x00{attempt}")
+            rest = task.solve_from(req.row["problem"], req.kept_steps, rng)
+            out.append(GuideOutput(req.kept_text[len(req.prefix_text):] + rest, "stop"))
+        return out
+
+
+def guide_prompt(row: dict[str, Any], tokenizer: Any, sees_reference: bool) -> str:
+    """The guide's prompt for a row (without the kept prefix)."""
+    reference = row.get("solution") if sees_reference else None
+    if not reference:
+        return prompt_text(row, tokenizer)
+    task = get_task(row["task"])
+    if getattr(tokenizer, "chat_template", None):
+        problem = task.user_message(row["problem"]) if hasattr(task, "user_message") else row["problem"]
+        content = f"{problem}\n\nA reference solution:\n{reference}"
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    return reference + "\n" + task.format_prompt(row["problem"])
+
+
+class ModelGuide:
+    """An LM guide (rectify.guide_path) sampled through the generation backend (generate.backend)."""
+
+    def __init__(self, cfg: Any):
+        from pathlib import Path
+
+        from scope_cli.backends.generation import Sampling, open_backend
+
+        self.backend = open_backend(
+            cfg.generate.backend, Path(cfg.rectify.guide_path), dtype=cfg.generate.dtype,
+            batch_size=cfg.generate.batch_size, gpu_memory_utilization=cfg.generate.gpu_memory_utilization,
+            max_model_len=cfg.generate.max_model_len, trust_remote_code=cfg.policy.trust_remote_code)
+        self.sampling = Sampling(temperature=cfg.rectify.guide_temperature,
+                                 max_tokens=cfg.rectify.max_tokens)
+        self.sees_reference = cfg.rectify.guide_sees_reference
+        self.max_tries = cfg.rectify.max_tries
+
+    def prompt(self, req: GuideRequest) -> str:
+        """What the guide continues: its prompt for the problem, then the policy's kept text."""
+        return guide_prompt(req.row, self.backend.tokenizer, self.sees_reference) + req.prefix_text
+
+    def continue_(self, requests: list[GuideRequest], attempt: int = 0) -> list[GuideOutput]:
+        from scope_cli.backends.generation import encode_prompt
+
+        tok = self.backend.tokenizer
+        prompts = [encode_prompt(tok, self.prompt(req)) for req in requests]
+        seeds = [attempt_seed(req.seed, attempt) for req in requests]
+        outs = self.backend.generate(prompts, seeds, self.sampling)
+        return [GuideOutput(out.text, out.finish_reason) for out in outs]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The sampling seed of a request's k-th attempt (attempt 0: the row's own seed)."""
+    if attempt == 0:
+        return int(seed)
+    import hashlib
+
+    blob = f"guide\x00{int(seed)}\x00{attempt}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1

@@ -1,0 +1,190 @@
+"""math-verify in a pool of killable worker processes, with a hard wall-clock limit per item.
+
+    with Verifier(workers=2, timeout=5.0) as v:          # created once, reused by a whole round
+        verdicts = v.check([(gold, pred), ...])          # in input order: Verdict(status, correct)
+
+math-verify's pitfalls, and what this module does about each:
+
+- `verify(gold, pred)` is not symmetric: the gold answer goes first.
+- A bare gold answer (``3``, ``\\frac{1}{2}``) may not parse: it is wrapped in ``\\boxed{}`` first.
+  A gold answer that still does not parse into a math expression is an ``error`` row, never a correct
+  one (math-verify would otherwise fall back to comparing raw strings).
+- Its own timeouts use SIGALRM, which works only in a main thread, and a timeout is reported as
+  ``False``, indistinguishable from a wrong answer. Here its timeouts are off; each worker runs items
+  in its main thread under its own soft alarm, and a worker stuck where a signal cannot reach it (a C
+  loop: an exponent tower, a catastrophic regex) is killed from outside by pebble when the item's hard
+  limit passes, and replaced. Both give the status ``timeout``, which is counted, never scored.
+
+Workers start with ``forkserver`` (never ``fork``: the parent may hold torch or vLLM threads); the fork
+server preloads math-verify, so a replaced worker starts in milliseconds. Items travel in chunks to
+keep inter-process overhead low; a chunk that passes its limit is retried item by item, each with the
+per-item limit, so one bad item costs only its own timeout.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import signal
+from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+STATUSES = ("ok", "no_answer", "timeout", "error")
+_SOFT_FRACTION = 0.8  # the worker's own alarm fires at this fraction of the hard limit
+_MEMORY_LIMIT = 2 << 30  # bytes of address space per worker: a runaway sympy integer hits MemoryError
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # ok | no_answer | timeout | error
+    correct: bool
+
+
+def reward(verdict: Verdict, finish_reason: str | None, format_reward: float = 0.0,
+           truncation_penalty: float = 0.0) -> float:
+    """1 for a correct answer, else 0; `format_reward` for a row with no answer; minus
+    `truncation_penalty` for a row cut at the length limit."""
+    value = 1.0 if verdict.correct else (format_reward if verdict.status == "no_answer" else 0.0)
+    if finish_reason == "length":
+        value -= truncation_penalty
+    return value
+
+
+# ---- inside a worker -------------------------------------------------------------------------------
+class _ItemTimeout(BaseException):
+    """Raised by the worker's alarm; a BaseException so math-verify's `except Exception` lets it pass."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _ItemTimeout()
+
+
+def _init_worker() -> None:
+    import logging
+    import resource
+
+    # math-verify warns once per process that its own timeouts are off: they are, on purpose.
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or hard > _MEMORY_LIMIT:
+        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, hard))
+    signal.signal(signal.SIGALRM, _on_alarm)
+
+
+def wrap_gold(gold: str) -> str:
+    """A gold answer in the form math-verify parses reliably: ``\\boxed{gold}`` unless already boxed or
+    in ``$...$``."""
+    text = gold.strip()
+    if "\\boxed" in text or (text.startswith("$") and text.endswith("$") and len(text) > 1):
+        return text
+    return "\\boxed{" + text + "}"
+
+
+def check_pair(gold: str, pred: str) -> Verdict:
+    """One comparison, in this process, with no time limit: gold first, then the prediction."""
+    from math_verify import parse, verify
+    from sympy import Basic, MatrixBase
+
+    gold_parsed = parse(wrap_gold(gold), parsing_timeout=None, raise_on_error=True)
+    if not any(isinstance(g, (Basic, MatrixBase)) for g in gold_parsed):
+        return Verdict("error", False)  # unparseable gold: never scored correct
+    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None, raise_on_error=True)
+    if not pred_parsed:
+        return Verdict("no_answer", False)
+    return Verdict("ok", bool(verify(gold_parsed, pred_parsed, timeout_seconds=None)))
+
+
+def _check_chunk(pairs: list[tuple[str, str]], soft_seconds: float) -> list[tuple[str, bool]]:
+    """Runs in a worker's main thread: each item under a soft alarm."""
+    out = []
+    for gold, pred in pairs:
+        signal.setitimer(signal.ITIMER_REAL, soft_seconds)
+        try:
+            verdict = check_pair(gold, pred)
+            out.append((verdict.status, verdict.correct))
+        except _ItemTimeout:
+            out.append(("timeout", False))
+        except Exception:  # a parser bug or MemoryError on adversarial text: counted, never scored
+            out.append(("error", False))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    return out
+
+
+# ---- the pool --------------------------------------------------------------------------------------
+class Verifier:
+    """A reusable pool of math-verify workers. Use as a context manager; `check` keeps input order."""
+
+    _work = staticmethod(_check_chunk)  # a worker's job: (pairs, soft seconds) -> [(status, correct)]
+
+    def __init__(self, workers: int = 2, timeout: float = 5.0, chunk_size: int = 64):
+        if workers < 1 or timeout <= 0 or chunk_size < 1:
+            raise ValueError("Verifier needs workers >= 1, timeout > 0 and chunk_size >= 1")
+        self.workers = workers
+        self.timeout = float(timeout)
+        self.chunk_size = chunk_size
+        self._pool = None
+        self.stats = {"items": 0, "killed": 0}
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _ensure_pool(self):
+        if self._pool is None:
+            from pebble import ProcessPool
+
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["math_verify", "sympy"])
+            self._pool = ProcessPool(max_workers=self.workers, initializer=_init_worker, context=ctx)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join()
+            self._pool = None
+
+    def check(self, pairs: Sequence[tuple[str, str | None]]) -> list[Verdict]:
+        """Verdicts for (gold, pred) pairs, in order. A missing or empty pred is ``no_answer`` without
+        a trip to the pool."""
+        results: list[Verdict | None] = [None] * len(pairs)
+        todo = []
+        for i, (gold, pred) in enumerate(pairs):
+            if pred is None or not pred.strip():
+                results[i] = Verdict("no_answer", False)
+            else:
+                todo.append(i)
+        if todo:
+            pool = self._ensure_pool()
+            soft = self.timeout * _SOFT_FRACTION
+            # enough chunks to keep every worker busy, none larger than chunk_size
+            size = max(1, min(self.chunk_size, math.ceil(len(todo) / (4 * self.workers))))
+            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+            # a chunk may hold one item that runs to its soft alarm; two such items get retried alone
+            futures = [pool.schedule(self._work, args=([pairs[i] for i in c], soft),
+                                     timeout=self.timeout + soft + 0.05 * len(c)) for c in chunks]
+            retry = []
+            for chunk, future in zip(chunks, futures):
+                try:
+                    for i, (status, correct) in zip(chunk, future.result()):
+                        results[i] = Verdict(status, correct)
+                except Exception:  # the chunk passed its limit, or its worker died
+                    retry.extend(chunk)
+            singles = [(i, pool.schedule(self._work, args=([pairs[i]], soft), timeout=self.timeout))
+                       for i in retry]
+            for i, future in singles:
+                try:
+                    (status, correct), = future.result()
+                    results[i] = Verdict(status, correct)
+                except FutureTimeout:
+                    self.stats["killed"] += 1
+                    results[i] = Verdict("timeout", False)
+                except Exception:  # the worker died (memory, a crash in a C extension)
+                    results[i] = Verdict("error", False)
+        self.stats["items"] += len(pairs)
+        return results  # type: ignore[return-value]  (every slot is filled above)

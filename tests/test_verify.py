@@ -1,0 +1,181 @@
+"""verify: math-verify in a killable pool (equivalences, adversarial inputs) and the verify stage."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from scope_cli.backends.verifier import Verdict, Verifier, reward, wrap_gold
+from scope_cli.config import Config
+from scope_cli.schema import ROLLOUTS, VERIFIED, conform
+from scope_cli.status import headline, stage_summary
+
+# (gold, pred, correct): gold first, as math-verify needs it
+EQUIVALENT = [
+    ("1/2", "\\frac{1}{2}", True),
+    ("\\frac12", "0.5", True),
+    ("0.5", "\\dfrac{1}{2}", True),
+    ("3", "x=3", True),
+    ("x=3", "3", True),
+    ("[0,1)", "[0,1)", True),
+    ("(0,1]", "\\left(0,1\\right]", True),
+    ("10", "10 \\text{ cm}", True),
+    ("10\\text{ cm}", "10", True),
+    ("7", "07", True),
+    ("12", "12.0", True),
+    ("-3", "- 3", True),
+    ("\\sqrt{2}", "2^{1/2}", True),
+    ("1,2", "\\{1,2\\}", True),
+    ("\\frac{1}{3}", "0.3333333", True),
+    ("$\\frac{3}{4}$", "0.75", True),
+    ("\\boxed{5}", "5", True),
+]
+NOT_EQUIVALENT = [
+    ("5", "6", False),
+    ("[0,1)", "(0,1)", False),
+    ("\\frac{1}{3}", "0.333", False),
+    ("2", "-2", False),
+    ("x=3", "4", False),
+    ("1/2", "\\frac{2}{1}", False),
+    ("100", "10", False),
+]
+# adversarial predictions: each must end as timeout or error (or a plain wrong answer), never hang
+ADVERSARIAL = [
+    "9^{9^{9^{9}}}",  # an exponent tower: sympy evaluates it in C
+    "2^{2^{2^{2^{2^{2}}}}}",
+    "{" * 5000 + "1",  # unbalanced braces
+    "\\frac{" * 3000,
+    "x" * 100_000,  # a 100 kB string
+    "1+" * 50_000 + "1",
+]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Verifier(workers=2, timeout=1.0) as v:
+        yield v
+
+
+@pytest.mark.parametrize("gold,pred,expected", EQUIVALENT + NOT_EQUIVALENT)
+def test_math_verify_table(pool, gold, pred, expected):
+    (verdict,) = pool.check([(gold, pred)])
+    assert verdict == Verdict("ok", expected)
+
+
+def test_batch_keeps_input_order(pool):
+    pairs = [(g, p) for g, p, _ in EQUIVALENT + NOT_EQUIVALENT] * 3
+    verdicts = pool.check(pairs)
+    assert [v.correct for v in verdicts] == [c for _, _, c in EQUIVALENT + NOT_EQUIVALENT] * 3
+    assert pool.check(pairs) == verdicts  # deterministic
+
+
+def test_missing_answer_and_bad_gold(pool):
+    assert pool.check([("3", None), ("3", ""), ("3", "  ")]) == [Verdict("no_answer", False)] * 3
+    # a gold answer that does not parse is an error, never correct, even when the strings match
+    assert pool.check([("\\frac{", "\\frac{"), ("", "3")]) == [Verdict("error", False)] * 2
+
+
+@pytest.mark.timeout(120)
+def test_adversarial_inputs_end_as_timeout_or_error(pool):
+    pairs = [("3", pred) for pred in ADVERSARIAL] + [("3", "3")]
+    verdicts = pool.check(pairs)
+    assert verdicts[-1] == Verdict("ok", True)
+    for pred, v in zip(ADVERSARIAL, verdicts):
+        assert not v.correct, pred[:20]
+        assert v.status in ("timeout", "error", "ok"), pred[:20]
+    # the towers cannot be evaluated within a second: they time out rather than hang
+    assert verdicts[0].status == "timeout" and verdicts[1].status == "timeout"
+    # the pool survives killed workers and keeps answering
+    assert pool.check([("1/2", "0.5")]) == [Verdict("ok", True)]
+
+
+def test_wrap_gold():
+    assert wrap_gold("3") == "\\boxed{3}"
+    assert wrap_gold(" \\frac{1}{2} ") == "\\boxed{\\frac{1}{2}}"
+    assert wrap_gold("$x$") == "$x$"
+    assert wrap_gold("\\boxed{4}") == "\\boxed{4}"
+
+
+def test_reward_shaping():
+    ok, wrong, none = Verdict("ok", True), Verdict("ok", False), Verdict("no_answer", False)
+    assert reward(ok, "stop") == 1.0 and reward(wrong, "stop") == 0.0 and reward(none, "stop") == 0.0
+    assert reward(none, "stop", format_reward=-0.5) == -0.5
+    assert reward(ok, "length", truncation_penalty=0.25) == 0.75
+    assert reward(Verdict("timeout", False), "stop", format_reward=-0.5) == 0.0
+
+
+# ---- the stage -------------------------------------------------------------------------------------
+def rollout_table(responses, answers, finish=None, task="arith"):
+    n = len(responses)
+    rows = [{"prompt_id": f"p{i}", "problem": "1+2", "answer": a, "task": task, "data_source": task,
+             "sample_idx": 0, "response": r, "response_ids": [], "response_logprobs": [],
+             "finish_reason": (finish or ["stop"] * n)[i], "policy": "policy-000", "seed": i}
+            for i, (r, a) in enumerate(zip(responses, answers))]
+    return conform(pa.Table.from_pylist(rows), ROLLOUTS)
+
+
+def test_verify_table_columns_and_summary(pool):
+    from stages.verify import verify_table
+
+    cfg = Config()
+    cfg.verify.format_reward, cfg.verify.truncation_penalty = -0.5, 0.25
+    table = rollout_table(
+        ["1+2=3;\\boxed{3}", "1+2=4;\\boxed{4}", "1+2=3;", "\\boxed{3}", "\\boxed{3"],
+        ["3", "3", "3", "3", "3"],
+        finish=["stop", "stop", "length", "length", "stop"],
+    )
+    out, summary = verify_table(table, pool, cfg)
+    assert out.schema == VERIFIED
+    assert out.column("pred").to_pylist() == ["3", "4", None, "3", None]
+    assert out.column("correct").to_pylist() == [True, False, False, True, False]
+    assert out.column("verify_status").to_pylist() == ["ok", "ok", "no_answer", "ok", "no_answer"]
+    assert out.column("reward").to_pylist() == [1.0, 0.0, -0.75, 0.75, -0.5]
+    assert summary == {"ok": 3, "no_answer": 2, "timeout": 0, "error": 0, "correct": 2, "truncated": 2}
+
+
+def test_verify_stage_writes_shards_and_status(tmp_path):
+    from scope_cli.runs import Run
+    from scope_cli.shards import read_stage, write_parquet_atomic
+    from stages.verify import verify
+
+    run = Run.open(tmp_path / "run", overrides=["verify.timeout=0.5"], create=True)
+    rollouts = run.stage_dir(1, "rollouts")
+    write_parquet_atomic(rollout_table(["\\boxed{3}", "\\boxed{5}"], ["3", "3"]),
+                         rollouts / "shard-00000.parquet")
+    # the math task extracts balanced braces: the whole exponent tower reaches math-verify
+    tower = rollout_table(["9^{9^{9^{9}}}", "\\boxed{9^{9^{9^{9}}}}"], ["3", "3"], task="math")
+    write_parquet_atomic(tower, rollouts / "shard-00001.parquet")
+    result = verify(run, 1, quiet=True)
+    assert result.computed == [0, 1]
+    table = read_stage(run.stage_dir(1, "verified"))
+    assert table.column("verify_status").to_pylist() == ["ok", "ok", "no_answer", "timeout"]
+    totals = stage_summary(run.stage_dir(1, "verified"))
+    assert totals["summary"]["correct"] == 1 and totals["summary"]["timeout"] == 1
+    assert headline(totals) == "acc 0.250, timeout 1"
+    manifest = json.loads((run.stage_dir(1, "verified") / "_manifest" / "shard-00001.json").read_text())
+    assert set(manifest["summary"]) == {"ok", "no_answer", "timeout", "error", "correct", "truncated"}
+    # a rerun skips the done shards
+    assert verify(run, 1, quiet=True).skipped_done == [0, 1]
+
+
+def _alarm_blocked(pairs, soft_seconds):
+    """A worker stuck where no signal reaches it (as in a C loop): only the outside limit stops it."""
+    import signal
+
+    from scope_cli.backends.verifier import _check_chunk
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+    return _check_chunk(pairs, soft_seconds)
+
+
+class StuckVerifier(Verifier):
+    _work = staticmethod(_alarm_blocked)
+
+
+@pytest.mark.timeout(120)
+def test_stuck_worker_is_killed_and_replaced():
+    with StuckVerifier(workers=1, timeout=0.5) as v:
+        verdicts = v.check([("3", "x" * 100_000), ("1/2", "0.5"), ("3", "3")])
+        assert verdicts == [Verdict("timeout", False), Verdict("ok", True), Verdict("ok", True)]
+        assert v.stats["killed"] == 1
+        assert v.check([("2", "2")]) == [Verdict("ok", True)]  # a fresh worker took its place
