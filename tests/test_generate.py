@@ -170,6 +170,13 @@ def test_generate_then_verify(tmp_path, fitted_policy):
     assert generate(run, 1, quiet=True).skipped_done == [0, 1, 2]
 
 
+def test_shard_groups_keep_prompt_groups_whole():
+    from stages.generate import shard_groups
+
+    # a prompt drawn twice in one round (the slice crosses an epoch) gets fresh sample indexes
+    assert shard_groups(["a", "b", "a", "c"], 3, 4) == [[("a", 0), ("b", 0), ("a", 4)], [("c", 0)]]
+
+
 def test_sharded_workers_write_the_same_files(tmp_path, fitted_policy):
     from stages.generate import generate
 

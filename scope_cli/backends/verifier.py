@@ -96,20 +96,25 @@ def check_pair(gold: str, pred: str) -> Verdict:
     return Verdict("ok", bool(verify(gold_parsed, pred_parsed, timeout_seconds=None)))
 
 
+def _check_one(gold: str, pred: str, soft_seconds: float) -> tuple[str, bool]:
+    signal.setitimer(signal.ITIMER_REAL, soft_seconds)
+    try:
+        verdict = check_pair(gold, pred)
+        return verdict.status, verdict.correct
+    except Exception:  # a parser bug or MemoryError on adversarial text: counted, never scored
+        return "error", False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def _check_chunk(pairs: list[tuple[str, str]], soft_seconds: float) -> list[tuple[str, bool]]:
-    """Runs in a worker's main thread: each item under a soft alarm."""
+    """Runs in a worker's main thread: each item under a one-shot soft alarm."""
     out = []
     for gold, pred in pairs:
-        signal.setitimer(signal.ITIMER_REAL, soft_seconds)
         try:
-            verdict = check_pair(gold, pred)
-            out.append((verdict.status, verdict.correct))
-        except _ItemTimeout:
+            out.append(_check_one(gold, pred, soft_seconds))
+        except _ItemTimeout:  # raised anywhere in _check_one, its `finally` included
             out.append(("timeout", False))
-        except Exception:  # a parser bug or MemoryError on adversarial text: counted, never scored
-            out.append(("error", False))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
     return out
 
 
