@@ -10,13 +10,23 @@ Two ways to run the stages, with identical files:
   once for all rounds; the engine loads each new policy's weights instead of restarting;
 - one subprocess per stage (`round.isolate = on`, and `auto` when CUDA is used): the policy engine,
   PRM, guide and trainer are never resident together, as a GPU needs.
+
+Checkpoint retention (`prune_checkpoints`, after each finished round: its train-step and eval done). A
+7B run writes ~15 GB of weights and ~56 GB of optimizer state per round. run.keep_policies = K keeps
+the last K policy folders and, with run.keep_every = M, every M-th (0: keep all); run.keep_state = K
+keeps the train state (optimizer moments) of the last K rounds (0: all). Never removed: policy-000
+(the base, and the KL reference), the newest complete policy (the next round's input), a policy whose
+eval is still pending, and the newest train state (the next round continues its moments). A round
+whose policy was removed counts as finished.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from scope_cli.errors import ScopeError
@@ -29,12 +39,23 @@ def eval_done(run: Run, round_: int) -> bool:
     return (run.eval_dir(round_) / "summary.parquet").exists()
 
 
+def policy_pruned(run: Run, round_: int) -> bool:
+    """policy-R was removed by checkpoint retention: round R's train-step finished (its manifest is
+    written after the policy) and a later policy is complete (retention keeps the newest)."""
+    from scope_cli.shards import manifest_path
+
+    last = run.last_policy_round()
+    return (last is not None and last > round_ and not policy_complete(run.policy_dir(round_))
+            and manifest_path(run.train_dir(round_), 0).exists())
+
+
 def round_done(run: Run, round_: int, target: int) -> bool:
-    """Finished: its policy is complete and, where this round is evaluated, its eval summary exists."""
+    """Finished: its policy is complete and, where this round is evaluated, its eval summary exists;
+    or its policy was removed by checkpoint retention after the round finished."""
     from stages.eval import should_eval
 
     if round_ > 0 and not policy_complete(run.policy_dir(round_)):
-        return False
+        return policy_pruned(run, round_)
     return not should_eval(run.config, round_, target) or eval_done(run, round_)
 
 
@@ -64,6 +85,7 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
     if isolate if isolate is not None else use_isolation(run):
         for r in todo:
             _round_in_subprocesses(run, r, target, quiet)
+            prune_checkpoints(run, target)
         return todo
     _rounds_in_process(run, todo, target, quiet)
     return todo
@@ -71,7 +93,8 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
 
 def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) -> None:
     from scope_cli.backends.verifier import Verifier
-    from stages.eval import evaluate, open_engine, should_eval
+    from scope_cli.backends.generation import open_policy_engine
+    from stages.eval import evaluate, should_eval
     from stages.generate import generate
     from stages.locate_error import locate_error
     from stages.prm_score import prm_score
@@ -87,7 +110,7 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
             for r in rounds:
                 if r > 0:
                     if engine is None:
-                        engine = open_engine(run, run.input_policy(r))
+                        engine = open_policy_engine(cfg, run.input_policy(r))
                     generate(run, r, engine=engine, quiet=quiet)
                     verify(run, r, verifier=verifier, quiet=quiet)
                     prm_score(run, r, quiet=quiet)
@@ -96,8 +119,9 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
                     train_step(run, r, quiet=quiet)
                 if should_eval(cfg, r, target) and not eval_done(run, r):
                     if engine is None:
-                        engine = open_engine(run, run.policy_dir(r))
+                        engine = open_policy_engine(cfg, run.policy_dir(r))
                     evaluate(run, r, engine=engine, verifier=verifier, quiet=quiet)
+                prune_checkpoints(run, target)
         finally:
             if engine is not None:
                 engine.close()
@@ -117,6 +141,44 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
         done = subprocess.run(cmd, env=os.environ.copy())
         if done.returncode != 0:
             raise ScopeError(f"round {r}: `{' '.join(cmd[2:])}` failed with exit code {done.returncode}")
+
+
+def prune_checkpoints(run: Run, target: int) -> dict[str, list[int]]:
+    """Remove the policy folders and train states that run.keep_policies / keep_every / keep_state do
+    not keep (see the module docstring). `target` is the round being brought to: it decides which
+    evals are pending. Returns the rounds whose policy and whose train state were removed."""
+    from stages.eval import should_eval
+
+    keep = run.config.run
+    removed: dict[str, list[int]] = {"policies": [], "states": []}
+    last = run.last_policy_round()
+    if last is None:
+        return removed
+    if keep.keep_policies > 0:
+        for path in sorted(run.root.glob("policy-[0-9][0-9][0-9]")):
+            r = int(path.name[7:])
+            if (r == 0 or r > last - keep.keep_policies or not policy_complete(path)
+                    or (keep.keep_every > 0 and r % keep.keep_every == 0)
+                    or (should_eval(run.config, r, target) and not eval_done(run, r))):
+                continue
+            _remove_tree(path)
+            removed["policies"].append(r)
+    if keep.keep_state > 0:
+        for r in run.rounds():
+            state = run.train_dir(r) / "state"
+            if r <= last - keep.keep_state and state.exists():
+                _remove_tree(state)
+                removed["states"].append(r)
+    return removed
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename out of the way first (a policy folder stops being complete at once), then delete."""
+    trash = path.parent / f".{path.name}.pruned"
+    if trash.exists():
+        shutil.rmtree(trash)
+    path.rename(trash)
+    shutil.rmtree(trash)
 
 
 def _cpu_threads(run: Run) -> None:

@@ -44,10 +44,10 @@ from scope_cli.backends.generation import (
     GenerationBackend,
     Sampling,
     encode_prompt,
-    open_backend,
+    open_policy_engine,
     resolve_backend,
 )
-from scope_cli.backends.verifier import Verifier
+from scope_cli.backends.verifier import Verifier, check_answers
 from scope_cli.config import Config, config_hash
 from scope_cli.errors import ScopeError
 from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table, training_metrics
@@ -147,14 +147,6 @@ def remove_stale(out_dir: Path, names: list[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def open_engine(run: Run, policy_dir: Path) -> GenerationBackend:
-    g, p = run.config.generate, run.config.policy
-    return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
-                        tensor_parallel_size=g.tensor_parallel_size,
-                        gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
-                        trust_remote_code=p.trust_remote_code)
-
-
 # ---- one set ------------------------------------------------------------------------------------------
 def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
     path = run.eval_sets_dir / f"{name}.parquet"
@@ -184,10 +176,12 @@ def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sam
 
 
 def check(rows: list[dict[str, Any]], verifier: Verifier) -> list[dict[str, Any]]:
-    """Add pred, correct, verify_status (math-verify), first_error_step and canonical_solution."""
+    """Add pred, correct, verify_status (math-verify, or the task's own check: choice letters),
+    first_error_step and canonical_solution."""
     tasks = [get_task(r["task"]) for r in rows]
     preds = [t.extract_answer(r["response"]) for t, r in zip(tasks, rows)]
-    verdicts = verifier.check([(r["answer"], p) for r, p in zip(rows, preds)])
+    verdicts = check_answers(verifier, [r["task"] for r in rows],
+                             [(r["answer"], p) for r, p in zip(rows, preds)])
     for r, t, p, v in zip(rows, tasks, preds, verdicts):
         checker = t.first_error_step
         r.update(pred=p, correct=v.correct, verify_status=v.status,
@@ -255,7 +249,7 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
 
     def compute(name: str) -> tuple[pa.Table, dict[str, Any]]:
         if state["engine"] is None:
-            state["engine"] = open_engine(run, policy_dir)
+            state["engine"] = open_policy_engine(run.config, policy_dir)
         elif Path(state["engine"].policy) != policy_dir:
             state["engine"].reload(policy_dir)
         if state["verifier"] is None:

@@ -35,7 +35,7 @@ from scope_cli.backends.generation import (
     GenerationBackend,
     Sampling,
     encode_prompt,
-    open_backend,
+    open_policy_engine,
     resolve_backend,
 )
 from scope_cli.config import config_hash
@@ -91,14 +91,6 @@ def sampling_of(cfg: Any) -> Sampling:
                     stop=tuple(g.stop))
 
 
-def open_engine(run: Run, policy_dir: Path) -> GenerationBackend:
-    g, p = run.config.generate, run.config.policy
-    return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
-                        tensor_parallel_size=g.tensor_parallel_size,
-                        gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
-                        trust_remote_code=p.trust_remote_code)
-
-
 def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], starts: list[int], n: int,
                  seed: int, round_: int, policy_name: str, sampling: Sampling,
                  progress: Any = None) -> list[dict[str, Any]]:
@@ -152,7 +144,7 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
 
     def backend() -> GenerationBackend:
         if state["engine"] is None:
-            state["engine"] = open_engine(run, policy_dir)
+            state["engine"] = open_policy_engine(run.config, policy_dir)
         elif Path(state["engine"].policy).resolve() != policy_dir.resolve():
             state["engine"].reload(policy_dir)
         return state["engine"]

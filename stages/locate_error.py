@@ -61,7 +61,6 @@ def select(rows: list[dict[str, Any]], cfg: Any) -> tuple[list[int | None], list
               "groups_all_correct": 0, "groups_mixed": 0, "groups_all_wrong": 0}
     firsts: list[int | None] = [None] * n
     salvage = [False] * n
-    candidates: list[int] = []
     for i, row in enumerate(rows):
         scores = row.get("step_scores")
         failed = not row["correct"]

@@ -34,7 +34,6 @@ from scope_cli.errors import ScopeError
 from scope_cli.runs import Run
 from scope_cli.schema import PROMPTS, conform
 from scope_cli.shards import (
-    ShardError,
     ShardJob,
     list_shard_files,
     manifest_path,

@@ -143,6 +143,15 @@ def open_backend(name: str, policy_dir: Path, *, dtype: str = "float32", batch_s
 _MASK64 = (1 << 64) - 1
 
 
+def open_policy_engine(cfg: Any, policy_dir: Path) -> GenerationBackend:
+    """The run's generation engine (config sections generate and policy) loaded with `policy_dir`."""
+    g, p = cfg.generate, cfg.policy
+    return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
+                        tensor_parallel_size=g.tensor_parallel_size,
+                        gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
+                        trust_remote_code=p.trust_remote_code)
+
+
 def row_uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
     """One uniform in [0, 1) per row for decoding step `step`: SplitMix64 of (seed, step). Depends on
     nothing but the row's seed and the step."""
@@ -254,6 +263,7 @@ class HFBackend:
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
         finish: list[str | None] = [None] * rows
+        stop_window = 4 * max((len(s) for s in sampling.stop), default=0) + 8
 
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
@@ -273,7 +283,9 @@ class HFBackend:
                         tokens[i].append(picked_l[i])
                         logprobs[i].append(lps_l[i])
                         new_tokens += 1
-                        text = decode(self.tokenizer, tokens[i]) if sampling.stop else ""
+                        # a stop string completed by this token lies within the last few tokens
+                        # (each decodes to at least one byte): decode only those, not the whole row
+                        text = decode(self.tokenizer, tokens[i][-stop_window:]) if sampling.stop else ""
                         if any(s in text for s in sampling.stop):
                             finish[i] = "stop"
                         elif len(tokens[i]) >= budget[i]:
