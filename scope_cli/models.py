@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from scope_cli.policy import PolicyError, check_policy_folder
+from scope_cli.policy import PolicyError, check_policy_folder, load_error
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete
-from scope_cli.shards import folder_digest
+from scope_cli.shards import folder_digest, remove_stale_temps, temp_prefix
 from scope_cli.tasks import arith
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -113,10 +113,13 @@ def load_policy(path: str | Path, *, dtype: str = "float32", device: str = "cpu"
     quiet_transformers()
     if dtype not in DTYPES:
         raise PolicyError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
-    ).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # truncated weights, custom code not allowed, a broken config: one line
+        raise load_error(path, exc, trust_remote_code) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -129,7 +132,8 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
     quiet_transformers()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temps(out.parent)  # what a killed save left behind
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -140,7 +144,7 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
         mark_policy_complete(tmp, {"hash": folder_digest(tmp), **json.loads(json.dumps(info))})
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old.{tmp.name}"
+            old = out.parent / f"{temp_prefix(out.name)}old"
             out.rename(old)
         tmp.rename(out)
         if old is not None:

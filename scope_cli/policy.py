@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scope_cli.errors import ScopeError
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete, policy_complete
-from scope_cli.shards import folder_digest
+from scope_cli.shards import folder_digest, remove_stale_temps, temp_prefix
 
 # Files a policy folder may carry. Pickled weights (.bin/.pt/.pth/.pkl) and remote code (.py) are left
 # behind: weights load only from safetensors.
@@ -37,17 +37,47 @@ def check_policy_folder(path: Path) -> None:
         raise PolicyError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
-def copy_policy(src: Path, dst: Path, info: dict | None = None) -> Path:
-    """Copy a policy folder's model files to `dst` atomically and mark it complete."""
+def remote_code_of(path: Path) -> str | None:
+    """What custom code a model folder asks for (config.json / tokenizer_config.json `auto_map`), or
+    None. Such code runs only with --trust-remote-code (policy.trust_remote_code = true)."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(path) / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            refs = auto_map.values() if isinstance(auto_map, dict) else auto_map
+            return f"{name} auto_map: {', '.join(sorted({str(r) for r in refs}))}"
+    return None
+
+
+def load_error(path: Path, exc: BaseException, trust_remote_code: bool) -> PolicyError:
+    """A one-line error for a model folder that transformers could not load."""
+    remote = remote_code_of(path)
+    if remote and not trust_remote_code:
+        return PolicyError(f"{path}: the model needs custom code ({remote}); it is not run unless you "
+                           "pass --trust-remote-code (policy.trust_remote_code = true), which executes it")
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return PolicyError(f"{path}: cannot load the model ({type(exc).__name__}: {first}); is the folder "
+                       "complete?")
+
+
+def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = False) -> Path:
+    """Copy a policy folder's model files to `dst` atomically and mark it complete. Its Python files
+    (custom model code) are copied only with `code` (policy.trust_remote_code)."""
     src, dst = Path(src), Path(dst)
     check_policy_folder(src)
     if policy_complete(dst):
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    remove_stale_temps(dst.parent)  # what a killed copy left behind
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst.name), suffix=".tmp", dir=dst.parent))
     try:
         for p in sorted(src.iterdir()):
-            if p.is_file() and p.suffix in ALLOWED_SUFFIXES and p.name != POLICY_MARKER:
+            if p.is_file() and (p.suffix in ALLOWED_SUFFIXES or (code and p.suffix == ".py")) \
+                    and p.name != POLICY_MARKER:
                 shutil.copy2(p, tmp / p.name)
         mark_policy_complete(tmp, {"source": str(src), "hash": folder_digest(tmp), **(info or {})})
         if dst.exists():

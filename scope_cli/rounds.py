@@ -9,7 +9,8 @@ Two ways to run the stages, with identical files:
 - in one process (CPU and small models): libraries, the generation engine and the verify pool start
   once for all rounds; the engine loads each new policy's weights instead of restarting;
 - one subprocess per stage (`round.isolate = on`, and `auto` when CUDA is used): the policy engine,
-  PRM, guide and trainer are never resident together, as a GPU needs.
+  PRM, guide and trainer are never resident together, as a GPU needs. With round.train_procs = N > 1,
+  train-step runs under `torchrun --standalone --nproc-per-node N` (one node's GPUs).
 
 Checkpoint retention (`prune_checkpoints`, after each finished round: its train-step and eval done). A
 7B run writes ~15 GB of weights and ~56 GB of optimizer state per round. run.keep_policies = K keeps
@@ -50,12 +51,16 @@ def policy_pruned(run: Run, round_: int) -> bool:
 
 
 def round_done(run: Run, round_: int, target: int) -> bool:
-    """Finished: its policy is complete and, where this round is evaluated, its eval summary exists;
-    or its policy was removed by checkpoint retention after the round finished."""
+    """Finished: its policy is complete, its train-step manifest (written last) exists and, where this
+    round is evaluated, its eval summary exists; or its policy was removed by checkpoint retention
+    after the round finished."""
+    from scope_cli.shards import manifest_path
     from stages.eval import should_eval
 
     if round_ > 0 and not policy_complete(run.policy_dir(round_)):
         return policy_pruned(run, round_)
+    if round_ > 0 and not manifest_path(run.train_dir(round_), 0).exists():
+        return False  # killed after the policy landed, before the manifest: train-step finishes it
     return not should_eval(run.config, round_, target) or eval_done(run, round_)
 
 
@@ -77,6 +82,12 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
     if target < 1:
         raise ScopeError(f"round: expected a round number >= 1, got {target}")
     if not policy_complete(run.policy_dir(0)):
+        from scope_cli.policy import PolicyError, check_policy_folder
+
+        try:
+            check_policy_folder(run.config.policy.path)
+        except PolicyError as exc:  # say what is wrong with it
+            raise ScopeError(f"{run.policy_dir(0)}: no base policy; policy.path {exc}") from None
         raise ScopeError(f"{run.policy_dir(0)}: no base policy (run `scope prepare` with a valid "
                          "policy.path first)")
     todo = [r for r in range(0, target + 1) if not round_done(run, r, target)]
@@ -111,20 +122,30 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
                 if r > 0:
                     if engine is None:
                         engine = open_policy_engine(cfg, run.input_policy(r))
-                    generate(run, r, engine=engine, quiet=quiet)
-                    verify(run, r, verifier=verifier, quiet=quiet)
-                    prm_score(run, r, quiet=quiet)
-                    locate_error(run, r, quiet=quiet)
-                    rectify(run, r, quiet=quiet, verifier=verifier)
+                    _all_done(run, r, "generate", generate(run, r, engine=engine, quiet=quiet))
+                    _all_done(run, r, "verify", verify(run, r, verifier=verifier, quiet=quiet))
+                    _all_done(run, r, "prm-score", prm_score(run, r, quiet=quiet))
+                    _all_done(run, r, "locate-error", locate_error(run, r, quiet=quiet))
+                    _all_done(run, r, "rectify", rectify(run, r, quiet=quiet, verifier=verifier))
                     train_step(run, r, quiet=quiet)
                 if should_eval(cfg, r, target) and not eval_done(run, r):
                     if engine is None:
                         engine = open_policy_engine(cfg, run.policy_dir(r))
-                    evaluate(run, r, engine=engine, verifier=verifier, quiet=quiet)
+                    result = evaluate(run, r, engine=engine, verifier=verifier, quiet=quiet)
+                    _all_done(run, r, "eval", result["summary"] is not None)
                 prune_checkpoints(run, target)
         finally:
             if engine is not None:
                 engine.close()
+
+
+def _all_done(run: Run, r: int, stage: str, result: Any) -> None:
+    """Stop the round when another process holds some of a stage's shards: the next stage would
+    find its input unfinished."""
+    if result is True or (result is not False and not getattr(result, "skipped_locked", None)):
+        return
+    raise ScopeError(f"round {r}: {stage} shards are being computed by another process (a second "
+                     f"`scope round` or worker on {run.root}?); rerun when it has finished")
 
 
 def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
@@ -133,8 +154,15 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
     base = [sys.executable, "-m", "scope_cli.app"]
     common = ["--run", str(run.root), *(["--quiet"] if quiet else [])]
     commands = []
+    procs = run.config.round.train_procs
     if r > 0:
-        commands += [[*base, stage, "--round", str(r), *common] for stage in STAGE_COMMANDS]
+        for stage in STAGE_COMMANDS:
+            args = [stage, "--round", str(r), *common]
+            if stage == "train-step" and procs > 1:  # the `--` keeps torchrun off `--run`
+                commands.append([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc-per-node={procs}", "-m", "scope_cli.app", "--", *args])
+            else:
+                commands.append([*base, *args])
     if should_eval(run.config, r, target) and not eval_done(run, r):
         commands.append([*base, "eval", "--round", str(r), *common])
     for cmd in commands:

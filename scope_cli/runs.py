@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from scope_cli.config import Config, ConfigError, differing_keys, from_dict, load_config, read_toml, to_toml
 from scope_cli.errors import ScopeError
-from scope_cli.shards import ShardError, write_text_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STAGES = ("rollouts", "verified", "scored", "located", "rectified")
 POLICY_MARKER = "scope-policy.json"
@@ -53,6 +54,8 @@ class Run:
     ) -> "Run":
         """Open (or create) a run. An existing run's config is the base; a `--config`/`--set` that
         changes a key is refused, naming the keys, unless `force`, which records the new config."""
+        from scope_cli.shards import write_text_atomic  # (pyarrow: not needed by `scope status`)
+
         root = Path(root)
         stored = root / "config.toml"
         if stored.exists():
@@ -127,7 +130,7 @@ class Run:
         """All training prompt ids, sorted (the order slices are drawn from)."""
         import pyarrow.parquet as pq
 
-        from scope_cli.shards import list_shard_files
+        from scope_cli.shards import ShardError, list_shard_files
 
         files = list_shard_files(self.prompts_dir)
         if not files:
@@ -166,6 +169,8 @@ _PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
 def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     key = (n, seed, epoch)
     if key not in _PERM_CACHE:
+        import numpy as np  # here, not at the top: `scope status` opens runs without numpy
+
         _PERM_CACHE[key] = np.random.default_rng([seed, epoch, 0x5C0BE]).permutation(n)
     return _PERM_CACHE[key]
 
@@ -181,4 +186,6 @@ def policy_complete(path: Path) -> bool:
 
 
 def mark_policy_complete(path: Path, info: dict) -> None:
+    from scope_cli.shards import write_text_atomic
+
     write_text_atomic(json.dumps(info, indent=1, sort_keys=True) + "\n", Path(path) / POLICY_MARKER)

@@ -7,15 +7,25 @@ as done; the manifest is written last. Timings live only in manifests, never in 
 
 Concurrent workers take an ``flock`` on ``_locks/shard-NNNNN.lock`` (released by the kernel when the
 process dies) and skip shards another worker holds.
+
+Temporary names carry their writer (``.NAME.tmp@HOST@PID@XXXX.tmp``), so what a killed process left
+behind is recognised and removed by the next run: a shard's temporaries by whoever holds its lock, any
+other temporary once its writer is known dead (same host, no such process). A stage that reads
+another stage's folder takes only a finished one (`complete_shards`): every shard of the writer's
+``num_shards`` present, with its manifest.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +44,10 @@ from scope_cli.schema import STAGE_OUTPUTS
 
 class ShardError(ScopeError):
     """A bad or missing shard: the message is one line naming the file and what was expected."""
+
+
+class WriteError(ShardError, OSError):
+    """A write that failed (disk full, no permission): nothing partial is left under the final name."""
 
 
 # ---- names -----------------------------------------------------------------------------------------
@@ -56,20 +70,78 @@ def list_shard_files(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.glob("shard-*.parquet") if p.name[6:11].isdigit())
 
 
+# ---- temporaries -------------------------------------------------------------------------------------
+_TEMP_OWNER = re.compile(r"\.tmp@([^@/]+)@(\d+)@")
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary file or folder that will be renamed to `name`: it names its writer."""
+    return f".{name}.tmp@{socket.gethostname()}@{os.getpid()}@"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Remove temporaries (files or folders) in `folder` left by killed writers. With `names`, every
+    temporary of those final names goes, whoever wrote it: the caller holds their lock. Without, those
+    whose writer ran on this host and is gone. Returns the temporaries that remain."""
+    try:
+        entries = [Path(e.path) for e in os.scandir(folder) if e.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    host, left = socket.gethostname(), []
+    for path in entries:
+        owner = _TEMP_OWNER.search(path.name)
+        if owner is None:
+            continue
+        if names is not None:
+            stale = any(path.name.startswith(f".{n}.tmp@") for n in names)
+        else:
+            stale = owner.group(1) == host and not _pid_alive(int(owner.group(2)))
+        if stale:
+            _remove(path)
+        else:
+            left.append(path)
+    return left
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 # ---- atomic writes ---------------------------------------------------------------------------------
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, ScopeError):
+            raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); nothing was left under "
+                             "this name, rerun once there is space or permission") from exc
         raise
 
 
@@ -166,6 +238,51 @@ def read_stage(stage_dir: Path, required: pa.Schema | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
+def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
+    """The shards of a finished stage folder, in order, for the stage that reads it.
+
+    A folder a stage wrote (it has ``_locks/`` or ``_manifest/``) must be finished: shards 0 ..
+    num_shards-1 (as its manifests record), each with its manifest and the size recorded there.
+    Otherwise a one-line error names what is missing and `writer`, the command that finishes it; a
+    partly written input is never processed as if it were whole. A folder of shards made by hand (no
+    manifests, no locks) is taken as it is.
+    """
+    stage_dir = Path(stage_dir)
+    files = list_shard_files(stage_dir)
+    man_dir = stage_dir / "_manifest"
+    if not man_dir.is_dir() and not (stage_dir / "_locks").is_dir():
+        if not files:
+            raise ShardError(f"{stage_dir}: no shards (run `{writer}` first)")
+        return files
+    counts, done = set(), []
+    for index in sorted({int(p.name[6:11]) for p in files} | {
+            int(p.name[6:11]) for p in man_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")}):
+        try:
+            manifest = json.loads(manifest_path(stage_dir, index).read_text())
+            size = shard_path(stage_dir, index).stat().st_size
+        except (OSError, json.JSONDecodeError):
+            continue
+        counts.add(manifest.get("num_shards"))
+        if manifest.get("output", {}).get("size") == size:
+            done.append(index)
+    if not done:
+        raise ShardError(f"{stage_dir}: no shard is finished yet (run `{writer}` first)")
+    if len(counts) != 1 or not isinstance(next(iter(counts)), int):
+        raise ShardError(f"{stage_dir}: manifests disagree on num_shards ({sorted(counts, key=str)}); "
+                         f"rerun `{writer}`")
+    (num,) = counts
+    missing = [i for i in range(num) if i not in done]
+    extra = [p.name for p in files if int(p.name[6:11]) >= num]
+    if missing:
+        shown = ", ".join(shard_name(i) for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ShardError(f"{stage_dir}: {num - len(missing)} of {num} shards finished (missing or "
+                         f"changed since its manifest: {shown}); run `{writer}` to finish it")
+    if extra:
+        raise ShardError(f"{stage_dir}: {', '.join(extra[:3])} beyond the stage's {num} shards "
+                         f"(left by an earlier config?); rerun `{writer}`")
+    return [shard_path(stage_dir, i) for i in range(num)]
+
+
 def read_stage_df(stage_dir: Path, lazy: bool = False):  # -> polars DataFrame | LazyFrame
     """A whole stage as one polars DataFrame (or LazyFrame) — what users inspect."""
     import polars as pl
@@ -251,15 +368,21 @@ def is_done(stage_dir: Path, index: int, inputs: list[Path], cfg_hash: str, root
 
 
 def engine_versions(*names: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    out.update((name, v) for name in names if (v := _package_version(name)) is not None)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _package_version(name: str) -> str | None:
+    """An installed distribution's version (cached: reading package metadata takes milliseconds, and
+    every shard's manifest asks)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def run_shards(
@@ -285,6 +408,13 @@ def run_shards(
     console = Console(stderr=True, quiet=quiet)
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    leftovers = remove_stale_temps(stage_dir) + remove_stale_temps(stage_dir / "_manifest")
+    # shards that no job writes any more (a changed config cut the stage into fewer shards)
+    wanted = {j.index for j in jobs}
+    for old in list_shard_files(stage_dir):
+        if int(old.name[6:11]) not in wanted:
+            manifest_path(stage_dir, int(old.name[6:11])).unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
     result = StageResult()
     index, count = worker
     mine = [j for j in jobs if j.index % count == index]
@@ -296,7 +426,13 @@ def run_shards(
         with shard_lock(stage_dir, job.index) as held:
             if not held:
                 result.skipped_locked.append(job.index)
+                console.print(f"{stage}: shard {job.index} is being computed by another process; "
+                              "left to it")
                 continue
+            # temporaries of this shard are stale, whoever wrote them: only the lock holder writes it
+            for name in (shard_name(job.index), f"shard-{job.index:05d}.json"):
+                for path in [p for p in leftovers if p.name.startswith(f".{name}.tmp@")]:
+                    _remove(path)
             if not force and is_done(stage_dir, job.index, job.inputs, cfg_hash, root):
                 result.skipped_done.append(job.index)
                 continue

@@ -21,6 +21,10 @@ that end inside a multi-byte character); the result is checked against a full de
 that is used is checked again with ``decode(response_ids[:t])``, stepping back to an earlier boundary
 when a tokenizer's decode is not local. A tokenizer without a fast backend falls back to decoding
 every prefix (exact, quadratic).
+
+Time stays bounded on degenerate responses (thousands of steps): cuts are found by a forward scan
+from the previous cut, and the re-check decodes at most CHECK_TOKENS tokens per response in all;
+past that the streaming offsets, already matched against the full decode, are used as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+
+CHECK_TOKENS = 1 << 21  # tokens decoded per response to re-check cuts (see the module docstring)
 
 
 @dataclass
@@ -92,14 +98,19 @@ def _exact_ends(tokenizer: Any, ids: list[int], full: str) -> list[int | None]:
 
 
 def cut_at(tokenizer: Any, ids: list[int], full: str, ends: list[int | None], char_end: int,
-           start: int = 0) -> int:
-    """The largest token count t >= start whose prefix decodes to full[:c] with c <= char_end."""
+           start: int = 0, check: bool = True) -> int:
+    """The largest token count t >= start whose prefix decodes to full[:c] with c <= char_end.
+    The clean ends (not None) never decrease, so the scan goes forward from `start` and stops at the
+    first one past char_end."""
     best = start
-    for t in range(len(ids), start, -1):
-        e = ends[t - 1]
-        if e is not None and e <= char_end:
-            best = t
-            break
+    for t in range(start, len(ids)):
+        e = ends[t]
+        if e is not None:
+            if e > char_end:
+                break
+            best = t + 1
+    if not check:
+        return best
     # check the cut with a real decode; step back while the tokenizer's decode is not local there
     while best > start:
         e = ends[best - 1]
@@ -117,12 +128,13 @@ def align_steps(task: ModuleType, tokenizer: Any, response_ids: list[int]) -> St
     steps = task.step_texts(text)
     ends = token_char_ends(tokenizer, ids, text)
     token_ends: list[int] = []
-    prev = 0
+    prev = checked = 0
     for j, (_, char_end) in enumerate(spans):
         if j == len(spans) - 1 and char_end == len(text):
             t = len(ids)  # the last step owns every remaining token (a trailing eos included)
         else:
-            t = cut_at(tokenizer, ids, text, ends, char_end, start=prev)
+            t = cut_at(tokenizer, ids, text, ends, char_end, start=prev, check=checked < CHECK_TOKENS)
+            checked += t
         token_ends.append(t)
         prev = t
     return StepAlignment(text=text, steps=steps, spans=list(spans), step_token_ends=token_ends)

@@ -217,9 +217,12 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    from scope_cli.shards import remove_stale_temps, temp_prefix
+
     state_dir = Path(state_dir)
     state_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".state.", suffix=".tmp", dir=state_dir.parent))
+    remove_stale_temps(state_dir.parent)  # what a killed save left behind
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(state_dir.name), suffix=".tmp", dir=state_dir.parent))
     try:
         save_file(tensors, tmp / "optimizer.safetensors",
                   metadata={"param_groups": json.dumps(groups, default=list)})
@@ -230,7 +233,7 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         old = None
         if state_dir.exists():
-            old = state_dir.parent / f".state.old.{tmp.name}"
+            old = state_dir.parent / f"{temp_prefix(state_dir.name)}old"
             state_dir.rename(old)
         tmp.rename(state_dir)
         if old is not None:
@@ -262,12 +265,17 @@ def load_train_state(state_dir: Path, model, optimizer) -> dict[str, Any]:
     if not path.exists():
         raise TrainError(f"{path}: optimizer state missing")
     state: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as fh:
-        groups = json.loads(fh.metadata()["param_groups"])
-        for key in fh.keys():  # noqa: SIM118 (safe_open has no __contains__/__iter__)
-            _, rest = key.split(".", 1)
-            name, _, field = rest.rpartition(".")
-            state.setdefault(name, {})[field] = fh.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            groups = json.loads(fh.metadata()["param_groups"])
+            for key in fh.keys():  # noqa: SIM118 (safe_open has no __contains__/__iter__)
+                _, rest = key.split(".", 1)
+                name, _, field = rest.rpartition(".")
+                state.setdefault(name, {})[field] = fh.get_tensor(key)
+    except Exception as exc:  # a truncated or foreign file: never train from it
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TrainError(f"{path}: unreadable optimizer state ({type(exc).__name__}: {first}); rerun the "
+                         "train-step that wrote it with --force") from exc
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])

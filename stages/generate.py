@@ -46,6 +46,7 @@ from scope_cli.shards import (
     ShardError,
     ShardJob,
     StageResult,
+    complete_shards,
     engine_versions,
     list_shard_files,
     run_shards,
@@ -94,10 +95,14 @@ def sampling_of(cfg: Any) -> Sampling:
 def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], starts: list[int], n: int,
                  seed: int, round_: int, policy_name: str, sampling: Sampling,
                  progress: Any = None) -> list[dict[str, Any]]:
-    """n rows per prompt (sample indexes start..start+n-1), sampled with each row's own seed."""
+    """n rows per prompt (sample indexes start..start+n-1), sampled with each row's own seed. A prompt
+    that leaves no room under the model's length limit gets no rows (the caller counts it)."""
     texts = [prompt_text(row, backend.tokenizer) for row in prompts]
     encoded = [encode_prompt(backend.tokenizer, t) for t in texts]
-    plan = [(i, start + k) for i, start in enumerate(starts) for k in range(n)]
+    plan = [(i, start + k) for i, start in enumerate(starts) for k in range(n)
+            if len(encoded[i]) < backend.max_model_len]
+    if not plan:
+        return []
     seeds = [row_seed(seed, round_, prompts[i]["prompt_id"], idx) for i, idx in plan]
     outs = backend.generate([encoded[i] for i, _ in plan], seeds, sampling, progress)
     return [{**prompts[i], "sample_idx": idx, "prompt_text": texts[i], "prompt_ids": encoded[i],
@@ -135,7 +140,7 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
     cfg = run.config
     g = cfg.generate
     policy_dir = run.input_policy(round_)
-    prompt_files = list_shard_files(run.prompts_dir)
+    prompt_files = complete_shards(run.prompts_dir, "scope prepare")
     round_ids = run.round_prompt_ids(round_)
     shards = shard_groups(round_ids, g.prompts_per_shard, g.n)
     sampling = sampling_of(cfg)
@@ -162,7 +167,9 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
         lengths = [len(r["response_ids"]) for r in rows]
         summary = {"prompts": len(groups), "tokens": sum(lengths),
                    "stop": sum(r["finish_reason"] == "stop" for r in rows),
-                   "length": sum(r["finish_reason"] == "length" for r in rows)}
+                   "length": sum(r["finish_reason"] == "length" for r in rows),
+                   # prompts longer than the model's context (generate.max_model_len): skipped
+                   "prompt_too_long": len(groups) - len(rows) // g.n}
         return table, summary
 
     jobs = [ShardJob(i, prompt_files, (lambda i=i, grp=grp: compute(i, grp)))
@@ -178,7 +185,8 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
                 CONFIG_KEYS, run.root,
                 engines={**engines, "backend": kind},
                 force=force, worker=worker,
-                headline={"label": "tokens/row", "num": "tokens", "den": "rows", "show": ["length"]},
+                headline={"label": "tokens/row", "num": "tokens", "den": "rows",
+                          "show": ["length", "prompt_too_long"]},
                 quiet=quiet,
             )
     finally:

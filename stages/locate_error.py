@@ -39,7 +39,7 @@ from scope_cli.backends.prm import first_error
 from scope_cli.config import config_hash
 from scope_cli.runs import Run
 from scope_cli.schema import LOCATED, SCORED, conform
-from scope_cli.shards import ShardError, ShardJob, StageResult, list_shard_files, read_shard, run_shards
+from scope_cli.shards import ShardJob, StageResult, complete_shards, read_shard, run_shards
 
 CONFIG_KEYS = ["locate", "run.algo", "rectify.mode"]
 
@@ -115,9 +115,7 @@ def locate_error(run: Run, round_: int, *, force: bool = False, worker: tuple[in
                  quiet: bool = False) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "scored"), run.stage_dir(round_, "located")
-    files = list_shard_files(src)
-    if not files:
-        raise ShardError(f"{src}: no shards (run `scope prm-score --round {round_}` first)")
+    files = complete_shards(src, f"scope prm-score --round {round_}")
 
     def compute(path: Path):
         return locate_table(read_shard(path, SCORED), cfg)

@@ -37,11 +37,12 @@ from scope_cli.shards import (
     ShardJob,
     list_shard_files,
     manifest_path,
+    remove_stale_temps,
     run_shards,
     write_json_atomic,
     write_parquet_atomic,
 )
-from scope_cli.tasks import arith, task_for_source
+from scope_cli.tasks import TASKS, arith, task_for_source
 
 CONFIG_KEYS = ["prepare", "task"]
 
@@ -122,6 +123,15 @@ def normalise_row(raw: dict[str, Any], where: str, default_task: str) -> dict[st
 
     data_source = _as_text(raw.get("data_source") or default_task, f"{where}: field data_source")
     task = raw.get("task") or task_for_source(data_source, default_task)
+    if task not in TASKS:
+        raise PrepareError(f"{where}: field task: unknown task {task!r} "
+                           f"(expected one of {', '.join(TASKS)})")
+    if task == "arith":
+        try:
+            arith.parse_problem(problem)
+        except ValueError:
+            raise PrepareError(f"{where}: field problem: {problem[:40]!r} is not an arith problem "
+                               "(single digits joined by + and -)") from None
     extra = raw.get("extra_info")
     difficulty = raw.get("difficulty", raw.get("level"))
     return {
@@ -306,8 +316,10 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         for stale in prompt_files[len(chunks):]:
             stale.unlink()
             manifest_path(run.prompts_dir, int(stale.name[6:11])).unlink(missing_ok=True)
-        run_shards("prepare", run.prompts_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, force=True,
+        # force only with --force: a prepare killed before its marker keeps the shards it finished
+        run_shards("prepare", run.prompts_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, force=force,
                    quiet=quiet)
+        remove_stale_temps(run.eval_sets_dir)
         if run.eval_sets_dir.exists():
             for old in run.eval_sets_dir.glob("*.parquet"):
                 if old.stem not in evals:
@@ -321,7 +333,8 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         summary["skipped"] = "already prepared"
 
     try:
-        copy_policy(Path(cfg.policy.path), run.policy_dir(0), {"round": 0})
+        copy_policy(Path(cfg.policy.path), run.policy_dir(0), {"round": 0},
+                    code=cfg.policy.trust_remote_code)
         summary["policy-000"] = str(cfg.policy.path)
     except PolicyError as exc:
         summary["policy-000"] = f"missing: {exc}"

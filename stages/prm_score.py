@@ -38,11 +38,10 @@ from scope_cli.config import config_hash
 from scope_cli.runs import Run
 from scope_cli.schema import SCORED, VERIFIED, conform
 from scope_cli.shards import (
-    ShardError,
     ShardJob,
     StageResult,
+    complete_shards,
     engine_versions,
-    list_shard_files,
     read_shard,
     run_shards,
     write_json_atomic,
@@ -117,9 +116,7 @@ def prm_score(run: Run, round_: int, *, force: bool = False, worker: tuple[int, 
               quiet: bool = False) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "verified"), run.stage_dir(round_, "scored")
-    files = list_shard_files(src)
-    if not files:
-        raise ShardError(f"{src}: no shards (run `scope verify --round {round_}` first)")
+    files = complete_shards(src, f"scope verify --round {round_}")
     cache: dict[str, Any] = {}
 
     def engines() -> tuple[Any, Any]:

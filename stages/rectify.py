@@ -44,7 +44,7 @@ from typing import Any
 import pyarrow as pa
 
 from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
-from scope_cli.backends.verifier import Verifier, reward
+from scope_cli.backends.verifier import Verifier, check_answers, reward
 from scope_cli.config import config_hash
 from scope_cli.runs import Run, row_seed
 from scope_cli.schema import LOCATED, RECTIFIED
@@ -52,8 +52,8 @@ from scope_cli.shards import (
     ShardError,
     ShardJob,
     StageResult,
+    complete_shards,
     engine_versions,
-    list_shard_files,
     read_shard,
     run_shards,
 )
@@ -117,12 +117,13 @@ def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, 
 
 
 def row_verifier(pool: Verifier, verify_cfg: Any):
-    """rows -> their verify columns (pred, correct, reward, verify_status), checked by math-verify in
-    the verifier's worker pool against each row's answer."""
+    """rows -> their verify columns (pred, correct, reward, verify_status), checked against each row's
+    answer as the verify stage does (math-verify in the verifier's worker pool; choice rows by letter)."""
 
     def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         preds = [get_task(r["task"]).extract_answer(r["response"]) for r in rows]
-        verdicts = pool.check([(r["answer"], p) for r, p in zip(rows, preds)])
+        verdicts = check_answers(pool, [r["task"] for r in rows],
+                                 [(r["answer"], p) for r, p in zip(rows, preds)])
         return [{"pred": p, "correct": v.correct, "verify_status": v.status,
                  "reward": reward(v, r["finish_reason"], verify_cfg.format_reward,
                                   verify_cfg.truncation_penalty)}
@@ -241,9 +242,7 @@ def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, in
     started when a shard has rows to re-verify, and closed at the end."""
     cfg = run.config
     src, dst = run.stage_dir(round_, "located"), run.stage_dir(round_, "rectified")
-    files = list_shard_files(src)
-    if not files:
-        raise ShardError(f"{src}: no shards (run `scope locate-error --round {round_}` first)")
+    files = complete_shards(src, f"scope locate-error --round {round_}")
     cache: dict[str, Any] = {}
 
     def engines() -> tuple[Any, Any, Any]:

@@ -15,8 +15,10 @@ Reads round-R/rollouts/ and writes round-R/verified/ (schema VERIFIED), shard N 
   minus verify.truncation_penalty for a row cut at the length limit (both 0, off, by default).
 
 Every answer goes through math-verify, the arithmetic task's ``\\boxed{N}`` too, in a pool of
-verify.workers processes (scope_cli/backends/verifier.py). `verify(run, R, verifier=v)` reuses a
-pool that `scope round` keeps for the whole round. Each shard's manifest counts rows per status
+verify.workers processes (scope_cli/backends/verifier.py), except the rows of a task with its own
+answer check: multiple-choice rows (task ``choice``: ARC-c, GPQA, MMLU-Pro) compare option letters
+(`task.check`), and a gold answer that is not a letter is an ``error`` row.
+`verify(run, R, verifier=v)` reuses a pool that `scope round` keeps for the whole round. Each shard's manifest counts rows per status
 and correct answers; `scope status` shows the accuracy and the timeouts.
 """
 
@@ -27,16 +29,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.verifier import STATUSES, Verifier, reward
+from scope_cli.backends.verifier import STATUSES, Verifier, check_answers, reward
 from scope_cli.config import config_hash
 from scope_cli.runs import Run
 from scope_cli.schema import ROLLOUTS, VERIFIED, conform
 from scope_cli.shards import (
-    ShardError,
     ShardJob,
     StageResult,
+    complete_shards,
     engine_versions,
-    list_shard_files,
     read_shard,
     run_shards,
 )
@@ -52,7 +53,7 @@ def verify_table(table: pa.Table, verifier: Verifier, cfg: Any) -> tuple[pa.Tabl
     answers = table.column("answer").to_pylist()
     finish = table.column("finish_reason").to_pylist()
     preds = [get_task(t).extract_answer(r or "") for t, r in zip(tasks, responses)]
-    verdicts = verifier.check(list(zip(answers, preds)))
+    verdicts = check_answers(verifier, tasks, list(zip(answers, preds)))
     rewards = [reward(v, f, cfg.verify.format_reward, cfg.verify.truncation_penalty)
                for v, f in zip(verdicts, finish)]
     out = table
@@ -73,9 +74,7 @@ def verify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int
            quiet: bool = False, verifier: Verifier | None = None) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "rollouts"), run.stage_dir(round_, "verified")
-    files = list_shard_files(src)
-    if not files:
-        raise ShardError(f"{src}: no shards (run `scope generate --round {round_}` first)")
+    files = complete_shards(src, f"scope generate --round {round_}")
     own = verifier is None
     pool = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) if own else verifier
 

@@ -138,7 +138,7 @@ def test_verify_stage_writes_shards_and_status(tmp_path):
     from scope_cli.shards import read_stage, write_parquet_atomic
     from stages.verify import verify
 
-    run = Run.open(tmp_path / "run", overrides=["verify.timeout=0.5"], create=True)
+    run = Run.open(tmp_path / "run", overrides=["verify.timeout=2"], create=True)
     rollouts = run.stage_dir(1, "rollouts")
     write_parquet_atomic(rollout_table(["\\boxed{3}", "\\boxed{5}"], ["3", "3"]),
                          rollouts / "shard-00000.parquet")
@@ -174,7 +174,7 @@ class StuckVerifier(Verifier):
 
 @pytest.mark.timeout(120)
 def test_stuck_worker_is_killed_and_replaced():
-    with StuckVerifier(workers=1, timeout=0.5) as v:
+    with StuckVerifier(workers=1, timeout=1.0) as v:
         verdicts = v.check([("3", "x" * 100_000), ("1/2", "0.5"), ("3", "3")])
         assert verdicts == [Verdict("timeout", False), Verdict("ok", True), Verdict("ok", True)]
         assert v.stats["killed"] == 1

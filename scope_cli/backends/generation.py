@@ -265,6 +265,7 @@ class HFBackend:
         finish: list[str | None] = [None] * rows
         stop_window = 4 * max((len(s) for s in sampling.stop), default=0) + 8
 
+        live = list(range(rows))  # the row at each batch position: finished rows leave the batch
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=position,
@@ -274,14 +275,14 @@ class HFBackend:
                 picked, lps = pick_tokens(out.logits[:, -1, :].float(), seed_arr, step, sampling)
                 picked_l, lps_l = picked.tolist(), lps.tolist()
                 done_now = new_tokens = 0
-                for i in range(rows):
+                for k, i in enumerate(live):
                     if finish[i] is not None:
                         continue
-                    if picked_l[i] in self.eos:
+                    if picked_l[k] in self.eos:
                         finish[i] = "stop"
                     else:
-                        tokens[i].append(picked_l[i])
-                        logprobs[i].append(lps_l[i])
+                        tokens[i].append(picked_l[k])
+                        logprobs[i].append(lps_l[k])
                         new_tokens += 1
                         # a stop string completed by this token lies within the last few tokens
                         # (each decodes to at least one byte): decode only those, not the whole row
@@ -295,12 +296,30 @@ class HFBackend:
                     progress(done_now, new_tokens)
                 if all(f is not None for f in finish):
                     break
-                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+                active = [k for k, i in enumerate(live) if finish[i] is None]
+                if len(active) <= 0.75 * len(live) and _can_drop_rows(cache):
+                    # a quarter of the batch has finished: drop those rows (cache, mask, positions)
+                    # rather than keep computing them; a row's tokens never depend on its batch mates
+                    keep = torch.tensor(active, device=self.device)
+                    cache.batch_select_indices(keep)
+                    mask, next_pos, picked = mask[keep], next_pos[keep], picked[keep]
+                    seed_arr, live = seed_arr[active], [live[k] for k in active]
+                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 out = self.model(input_ids=picked[:, None].to(self.device), attention_mask=mask,
                                  position_ids=next_pos, past_key_values=cache, use_cache=True)
                 next_pos = next_pos + 1
         return [Completion(t, lp, f or "length", decode(self.tokenizer, t))
                 for t, lp, f in zip(tokens, logprobs, finish)]
+
+
+def _can_drop_rows(cache: Any) -> bool:
+    """Whether every layer of a DynamicCache keeps only keys and values (attention layers), so that
+    `batch_select_indices` drops a row's whole state; linear-attention layers keep more."""
+    from transformers import cache_utils
+
+    other = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+    return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, other)
+               for layer in cache.layers)
 
 
 # ---- vLLM ------------------------------------------------------------------------------------------

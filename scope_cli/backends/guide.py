@@ -9,8 +9,10 @@ text with the policy's tokenizer and appends it to the kept tokens.
   characters the token cut left out, e.g. a separator merged into the next token) followed by a
   correct continuation in a random order drawn from the request's seed. Always right.
 - ``model``: an LM (rectify.guide_path, e.g. data/policies/arith-guide) through the generation
-  backend, continuing the problem's prompt (the guide's own chat template, else the task's raw one)
-  followed by prefix_text, sampled at rectify.guide_temperature for at most rectify.max_tokens.
+  backend (generate.backend, dtype, batch_size, gpu_memory_utilization and max_model_len; vLLM
+  tensor parallelism from rectify.guide_tensor_parallel_size, so a guide larger than the policy can
+  span several GPUs), continuing the problem's prompt (the guide's own chat template, else the task's
+  raw one) followed by prefix_text, sampled at rectify.guide_temperature for at most rectify.max_tokens.
   With rectify.guide_sees_reference, the reference solution comes first: inside the user message
   where the guide has a chat template, else as a line before the raw prompt.
 """
@@ -86,7 +88,8 @@ class ModelGuide:
 
         self.backend = open_backend(
             cfg.generate.backend, Path(cfg.rectify.guide_path), dtype=cfg.generate.dtype,
-            batch_size=cfg.generate.batch_size, gpu_memory_utilization=cfg.generate.gpu_memory_utilization,
+            batch_size=cfg.generate.batch_size, tensor_parallel_size=cfg.rectify.guide_tensor_parallel_size,
+            gpu_memory_utilization=cfg.generate.gpu_memory_utilization,
             max_model_len=cfg.generate.max_model_len, trust_remote_code=cfg.policy.trust_remote_code)
         self.sampling = Sampling(temperature=cfg.rectify.guide_temperature,
                                  max_tokens=cfg.rectify.max_tokens)
@@ -103,8 +106,15 @@ class ModelGuide:
         tok = self.backend.tokenizer
         prompts = [encode_prompt(tok, self.prompt(req)) for req in requests]
         seeds = [attempt_seed(req.seed, attempt) for req in requests]
-        outs = self.backend.generate(prompts, seeds, self.sampling)
-        return [GuideOutput(out.text, out.finish_reason) for out in outs]
+        # a prompt with no room under the guide's length limit gets an empty continuation, which
+        # fails re-verification and is dropped (counted) like any wrong one
+        fits = [i for i, p in enumerate(prompts) if len(p) < self.backend.max_model_len]
+        out = [GuideOutput("", "length")] * len(requests)
+        if fits:
+            outs = self.backend.generate([prompts[i] for i in fits], [seeds[i] for i in fits], self.sampling)
+            for i, o in zip(fits, outs):
+                out[i] = GuideOutput(o.text, o.finish_reason)
+        return out
 
     def close(self) -> None:
         self.backend.close()

@@ -1,7 +1,7 @@
 """Process reward models: P(step correct) for every step of a response.
 
 Three backends score a list of `PrmItem`s (problem, prompt, steps) and return one list of floats per
-item (None for an item the backend could not align):
+item (None for an item the backend could not align, or, hf, one longer than the PRM's context):
 
 - ``rule``: the task's exact step checker (`task.first_error_step`): 1.0 before the first wrong
   step, 0.0 from it on. Needs a task that has one (arith); real math has none.
@@ -16,7 +16,10 @@ item (None for an item the backend could not align):
     * ``shepherd`` convention (math-shepherd): a causal LM; ``problem + " " + "\\n".join(step + " "
       + tag)``; a step's score is the softmax over the logits of the good and bad tokens ("+", "-")
       at its tag, probability of good.
-  Batched (right padding, sorted by length), bfloat16 on GPU, float32 on CPU (`prm.dtype=auto`).
+  Batched (right padding, sorted by length): at most prm.batch_size rows and prm.batch_tokens padded
+  tokens per forward pass, so long responses (8k tokens) go a few at a time and short ones many at a
+  time; a row longer than the token budget goes alone. bfloat16 on GPU, float32 on CPU
+  (`prm.dtype=auto`).
 - ``vllm``: the pooling API for process reward models (qwen convention), behind a version check: the
   API changed in almost every minor release (``task="reward"``, then pooling runners, then
   ``encode(..., pooling_task=...)``); this needs a vLLM with ``runner="pooling"`` (checked: 0.32
@@ -196,8 +199,8 @@ class HFPrm:
     """A PRM loaded with transformers (qwen or shepherd convention); see the module docstring."""
 
     def __init__(self, path: str | Path, convention: str = "qwen", *, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 32, step_tag: str = "ки",
-                 good_token: str = "+", bad_token: str = "-"):
+                 dtype: str = "auto", batch_size: int = 32, batch_tokens: int = 65536,
+                 step_tag: str = "ки", good_token: str = "+", bad_token: str = "-"):
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
@@ -208,6 +211,7 @@ class HFPrm:
         quiet_transformers()
         self.convention = convention
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.device, self.dtype = _device_dtype(device, dtype)
         self.tokenizer = load_tokenizer(self.path)
         if convention == "qwen":
@@ -276,15 +280,19 @@ class HFPrm:
         import torch
 
         out: list[list[float] | None] = [None] * len(items)
+        # an item longer than the PRM's context stays unscored (None), like one it cannot align
+        limit = getattr(getattr(self.backbone, "config", None), "max_position_embeddings", 0) or 1 << 62
         encoded = {}
         for i, item in enumerate(items):
             if not item.steps:
                 out[i] = []
             else:
-                encoded[i] = self.encode(item)
-        order = sorted(encoded, key=lambda i: len(encoded[i]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+                ids = self.encode(item)
+                if len(ids) <= limit:
+                    encoded[i] = ids
+        keys = list(encoded)
+        for picked in token_batches([len(encoded[i]) for i in keys], self.batch_size, self.batch_tokens):
+            batch = [keys[j] for j in picked]
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -312,6 +320,20 @@ class HFPrm:
             probs = torch.softmax(logits, dim=-1)
             # qwen: class 1 is "correct"; shepherd: the first candidate is the good token
             return probs[:, 1 if self.convention == "qwen" else 0].cpu().tolist()
+
+
+def token_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped for right-padded forward passes: sorted by length (shortest first), each batch
+    at most `max_rows` rows and at most `max_tokens` padded tokens (rows x its longest row); a row
+    longer than `max_tokens` goes alone."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        cur = batches[-1] if batches else None
+        if cur and len(cur) < max_rows and (len(cur) + 1) * lengths[i] <= max_tokens:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 # ---- vllm ------------------------------------------------------------------------------------------
@@ -427,7 +449,8 @@ def load_prm(prm_cfg: Any) -> Scorer:
         raise PrmError(f"prm.backend={prm_cfg.backend} needs prm.path (a PRM folder)")
     if prm_cfg.backend == "hf":
         return HFPrm(prm_cfg.path, prm_cfg.convention, device=prm_cfg.device, dtype=prm_cfg.dtype,
-                     batch_size=prm_cfg.batch_size, step_tag=prm_cfg.step_tag,
+                     batch_size=prm_cfg.batch_size, batch_tokens=prm_cfg.batch_tokens,
+                     step_tag=prm_cfg.step_tag,
                      good_token=prm_cfg.good_token, bad_token=prm_cfg.bad_token)
     if prm_cfg.backend == "vllm":
         return VllmPrm(prm_cfg.path, prm_cfg.convention,

@@ -15,6 +15,10 @@ math-verify's pitfalls, and what this module does about each:
   loop: an exponent tower, a catastrophic regex) is killed from outside by pebble when the item's hard
   limit passes, and replaced. Both give the status ``timeout``, which is counted, never scored.
 
+Rows of a task with its own answer check (the multiple-choice task compares option letters) do not
+go through math-verify: `check_answers(verifier, tasks, pairs)` checks them in this process and sends
+the rest to the pool; the stages call it.
+
 Workers start with ``forkserver`` (never ``fork``: the parent may hold torch or vLLM threads); the fork
 server preloads math-verify, so a replaced worker starts in milliseconds. Items travel in chunks to
 keep inter-process overhead low; a chunk that passes its limit is retried item by item, each with the
@@ -71,6 +75,10 @@ def _init_worker() -> None:
     if hard == resource.RLIM_INFINITY or hard > _MEMORY_LIMIT:
         resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, hard))
     signal.signal(signal.SIGALRM, _on_alarm)
+    try:  # warm up: the first parse builds the LaTeX parser (seconds on a loaded machine), which must
+        check_pair("1", "1")  # not count against the first real item's time limit
+    except Exception:
+        pass
 
 
 def wrap_gold(gold: str) -> str:
@@ -193,3 +201,32 @@ class Verifier:
                     results[i] = Verdict("error", False)
         self.stats["items"] += len(pairs)
         return results  # type: ignore[return-value]  (every slot is filled above)
+
+
+def check_answers(verifier: Verifier, tasks: Sequence[str],
+                  pairs: Sequence[tuple[str, str | None]]) -> list[Verdict]:
+    """Verdicts for the (gold, pred) pairs of rows whose tasks are `tasks`, in order. A task with its
+    own answer check (`task.check(answer, pred)`: choice compares option letters) is checked here, in
+    this process; every other row goes to math-verify in the verifier's pool. For a task's own check a
+    missing pred is ``no_answer`` and a gold answer it cannot read (ValueError) is ``error``."""
+    from scope_cli.tasks import get_task
+
+    if len(tasks) != len(pairs):
+        raise ValueError(f"{len(tasks)} tasks but {len(pairs)} answer pairs")
+    results: list[Verdict | None] = [None] * len(pairs)
+    pooled = []
+    for i, (task, (gold, pred)) in enumerate(zip(tasks, pairs)):
+        own = getattr(get_task(task), "check", None)
+        if own is None:
+            pooled.append(i)
+        elif pred is None or not pred.strip():
+            results[i] = Verdict("no_answer", False)
+        else:
+            try:
+                results[i] = Verdict("ok", bool(own(gold, pred)))
+            except ValueError:
+                results[i] = Verdict("error", False)
+    if pooled:
+        for i, verdict in zip(pooled, verifier.check([pairs[i] for i in pooled])):
+            results[i] = verdict
+    return results  # type: ignore[return-value]  (every slot is filled above)
