@@ -293,3 +293,16 @@ def test_new_rows_longer_than_the_policys_budget_are_dropped():
     assert not [r for r in mixed if r["origin"] == "rectified"]
     assert counts["too_long"] >= 2 and counts["dropped"] >= 2
     assert all(r["in_batch"] for r in mixed)
+
+
+def test_oracle_gives_no_continuation_after_a_wrong_kept_step():
+    """A PRM that puts the first error too late leaves a wrong step in the kept prefix: the oracle
+    cannot continue it to a right answer, so it returns nothing to add (rectify drops the row)."""
+    from scope_cli.backends.guide import GuideRequest, OracleGuide
+
+    row = {"problem": "7+5-7", "task": "arith"}
+    wrong = GuideRequest(row, ["7+5=3"], "7+5=3;", "7+5=3;", seed=1)
+    right = GuideRequest(row, ["7+5=2"], "7+5=2;", "7+5=2;", seed=1)
+    out_wrong, out_right = OracleGuide().continue_([wrong, right])
+    assert out_wrong.text == ""
+    assert out_right.text == "2-7=5;\\boxed{5}"

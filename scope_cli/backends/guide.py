@@ -59,7 +59,13 @@ class OracleGuide:
                 raise GuideError(f"rectify.guide=oracle needs a task with an exact solver; task "
                                  f"{task.NAME} has none (use rectify.guide=model)")
             rng = random.Random(f"oracle\x00{req.seed}\x00{attempt}")
-            rest = task.solve_from(req.row["problem"], req.kept_steps, rng)
+            try:
+                rest = task.solve_from(req.row["problem"], req.kept_steps, rng)
+            except ValueError:
+                # the kept prefix holds a wrong step (a PRM that put the first error too late): no
+                # continuation can be right, so none is given; rectify drops the row and counts it
+                out.append(GuideOutput(req.kept_text[len(req.prefix_text):], "stop"))
+                continue
             out.append(GuideOutput(req.kept_text[len(req.prefix_text):] + rest, "stop"))
         return out
 
