@@ -64,7 +64,7 @@ round: setup
 
 # The miniature experiment: GRPO vs LUFFY vs SCOPE (3 seeds; FULL=1: 5 seeds and >= 200 updates).
 compare: setup
-	$(SCOPE) compare $(if $(FULL),--seeds 5 --rounds 50,--seeds 3 --rounds 12) --name $(or $(NAME),mini) \
+	$(SCOPE) compare $(if $(FULL),--seeds 5 --rounds 50,--seeds 3 --rounds 8) --set eval.every=4 --name $(or $(NAME),mini) \
 		$(if $(CONFIG),--config $(CONFIG))
 
 test: $(TEST_SETUP)

@@ -366,7 +366,7 @@ def round_(
 @app.command()
 @one_line_errors
 def compare(
-    rounds: Annotated[int, typer.Option("--rounds", help="rounds per arm")] = 20,
+    rounds: Annotated[int, typer.Option("--rounds", help="rounds per arm")] = 8,
     seeds: Annotated[int, typer.Option("--seeds", help="seeds per arm (0..seeds-1)")] = 3,
     name: Annotated[str, typer.Option("--name", help="prefix of the arms' run names")] = "mini",
     algos: Annotated[str, typer.Option("--algos", help="comma-separated arms")] = "grpo,luffy,scope",
