@@ -1,6 +1,6 @@
 """A round of the stage pipeline against the same work as one in-memory loop, and how rounds scale.
 
-    .venv/bin/python bench/round_bench.py [--reps 5] [--quick] [--only loop,scaling,shards]
+    .venv/bin/python bench/round_bench.py [--reps 7] [--quick] [--only loop,scaling,shards]
 
 1. round vs loop. Both sides run the embedded default (algo=scope, data/policies/arith-tiny, 32
    prompts × 8 samples, ≤64 tokens, 4 updates per round, one torch thread), round after round:
@@ -14,11 +14,13 @@
      on in-memory tables (the same sampling code, math-verify pool, rule PRM, oracle guide and loss).
    Both sample the same tokens (checked: equal generated-token counts every round), so the ratio is
    the cost of the stage design itself: Parquet, manifests and hashes, model and state load/save.
+   Rounds differ in cost (response lengths), so the ratio is taken per round, scope's time over the
+   loop's for the same round, and its median reported.
 2. scaling: a scope round at generate.prompts_per_round = 32, 128, 512 (1×, 4×, 16×; `--quick`: 1×
    and 4×), seconds per round and per prompt; 2 rounds each after the warm-up (a 16× round is long).
-3. shard workers: `scope generate` of a 128-prompt round (4 shards) by one process against two
-   (`--shard-index 0/1 --num-shards 2`), each a fresh CLI process (start-up included), twice each
-   (`--quick`: once).
+3. shard workers: `scope generate` of a 512-prompt round (16 shards; `--quick`: 128, 4 shards) by
+   one process against two (`--shard-index 0/1 --num-shards 2`), each a fresh CLI process (start-up
+   included), twice each (`--quick`: once).
    Beside wall time, CPU seconds: on a shared machine a second process may get no more CPU, so the
    busiest process's CPU time (the wall time given a free core each) is shown too.
 
@@ -240,22 +242,28 @@ def round_vs_loop(reps: int, tmp: Path) -> tuple[str, list[Summary]]:
     res = interleave([worker_side("scope", "scope", [], tmp), worker_side("loop", "loop", [], tmp)], reps)
     s, lp = res["scope"], res["loop"]
     same = [a["tokens"] for a in s.info] == [b["tokens"] for b in lp.info]
-    ratio = s.median / lp.median
+    # both sides run the same rounds on the same tokens, and rounds differ in cost (response lengths):
+    # the ratio is the median over rounds of scope's time / the loop's time for that round
+    ratio = statistics.median(a / b for a, b in zip(s.seconds, lp.seconds))
+    cpu_ratio = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(s.info, lp.info))
+
     def part(res, name: str) -> str:
         return f"{statistics.median(i['parts'][name] for i in res.info):.3f}"
 
-    rows = [["scope round (6 stages, files)", fmt_s(s.median), f"{ratio:.2f}", fmt_s(s.cpu),
-             f"{s.cpu / lp.cpu:.2f}", fmt_mb(s.max_rss_mb), *(part(s, p) for p in PARTS)],
+    rows = [["scope round (6 stages, files)", fmt_s(s.median), f"{ratio:.2f}", fmt_s(s.cpu), f"{cpu_ratio:.2f}",
+             fmt_mb(s.max_rss_mb), *(part(s, p) for p in PARTS)],
             ["in-memory loop (same work)", fmt_s(lp.median), "1.00", fmt_s(lp.cpu), "1.00",
              fmt_mb(lp.max_rss_mb), *(part(lp, p) for p in PARTS)]]
+    per_round = ", ".join(f"{a / b:.2f}" for a, b in zip(s.seconds, lp.seconds))
     text = (f"### 1. A round against the same work as an in-memory loop\n\n"
-            f"Embedded default (algo=scope), seconds per round (median of {reps} rounds after a warm-up "
-            f"round; rounds {s.info[0]['round']}-{s.info[-1]['round']}), and the median seconds of each "
-            f"part; same sampled tokens every round: {same}.\n\n"
+            f"Embedded default (algo=scope), rounds {s.info[0]['round']}-{s.info[-1]['round']} after a "
+            f"warm-up round; medians of the rounds' seconds and of each part's; ratio: the median over "
+            f"rounds of scope's time / the loop's for the same round ({per_round}); same sampled tokens "
+            f"every round: {same}.\n\n"
             + table(["side", "wall/round", "ratio", "CPU/round", "CPU ratio", "max RSS", *PARTS], rows))
     return text, [Summary("1. round vs in-memory loop (embedded default, no eval)",
                           f"{fmt_s(s.median)}/round", f"{fmt_s(lp.median)}/round", ratio,
-                          "time scope / loop", "≤ 1.25", ratio <= 1.25, s.max_rss_mb, lp.max_rss_mb)]
+                          "time scope / loop, per round", "≤ 1.25", ratio <= 1.25, s.max_rss_mb, lp.max_rss_mb)]
 
 
 def scaling(reps: int, tmp: Path, factors: list[int]) -> tuple[str, list[Summary]]:
@@ -278,15 +286,14 @@ def scaling(reps: int, tmp: Path, factors: list[int]) -> tuple[str, list[Summary
                           res[f"x{top}"].max_rss_mb, res[f"x{factors[0]}"].max_rss_mb)]
 
 
-def shard_workers(reps: int, tmp: Path) -> tuple[str, list[Summary]]:
+def shard_workers(reps: int, tmp: Path, prompts: int) -> tuple[str, list[Summary]]:
     import os
 
     runs = tmp / "shard-runs"
     env = {"SCOPE_RUNS_DIR": str(runs)}
     scope = str(ROOT / ".venv" / "bin" / "scope")
-    sets = ["--set", "generate.prompts_per_round=128"]
-    prep = timed_commands({"prepare": [[scope, "prepare", "--run", "s", "--quiet", *sets]]}, 1, env=env)
-    del prep
+    sets = ["--set", f"generate.prompts_per_round={prompts}"]
+    timed_commands({"prepare": [[scope, "prepare", "--run", "s", "--quiet", *sets]]}, 1, env=env)
     base = [scope, "generate", "--run", "s", "--round", "1", "--force", "--quiet"]
     commands = {"1 worker": [base],
                 "2 workers": [[*base, "--shard-index", str(i), "--num-shards", "2"] for i in range(2)]}
@@ -297,7 +304,8 @@ def shard_workers(reps: int, tmp: Path) -> tuple[str, list[Summary]]:
     rows = [["1 process", fmt_s(one.median), "1.00", fmt_s(one.cpu), fmt_s(one.cpu_max), "1.00"],
             ["2 processes", fmt_s(two.median), f"{speedup:.2f}", fmt_s(two.cpu), fmt_s(two.cpu_max),
              f"{projected:.2f}"]]
-    text = (f"### 6b. Shard workers: `scope generate`, 128 prompts (4 shards), 1 process vs 2\n\n"
+    text = (f"### 6b. Shard workers: `scope generate`, {prompts} prompts ({prompts // 32} shards), 1 process "
+            "vs 2\n\n"
             f"Wall seconds of the command(s), CLI start-up included, median of {reps}; {os.cpu_count()} "
             "cores, shared. CPU: all processes' CPU seconds; busiest: the busiest process's, the wall "
             "time where each process has a free core.\n\n"
@@ -309,7 +317,7 @@ def shard_workers(reps: int, tmp: Path) -> tuple[str, list[Summary]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="loop,scaling,shards")
     ap.add_argument("--json", default=None, help="write the summary lines here (bench/run_all.py)")
@@ -325,7 +333,7 @@ def main() -> None:
     try:
         only = args.only.split(",")
         if "loop" in only:
-            text, s = round_vs_loop(3 if args.quick else args.reps, tmp)
+            text, s = round_vs_loop(4 if args.quick else args.reps, tmp)
             parts.append(text)
             summaries += s
         if "scaling" in only:
@@ -334,7 +342,7 @@ def main() -> None:
             parts.append(text)
             summaries += s
         if "shards" in only:
-            text, s = shard_workers(1 if args.quick else 2, tmp)
+            text, s = shard_workers(1 if args.quick else 2, tmp, 128 if args.quick else 512)
             parts.append(text)
             summaries += s
     finally:

@@ -217,17 +217,51 @@ class HFBackend:
         self.reload(policy_dir)
 
     def reload(self, policy_dir: Path) -> None:
-        """Load a policy folder (weights and tokenizer) in place of the current one."""
+        """Load a policy folder (weights and tokenizer) in place of the current one. The next round's
+        policy (same config and tokenizer files, one safetensors file) only has its weights copied
+        into the live model."""
         from scope_cli.models import load_policy
 
-        self.model, self.tokenizer = load_policy(policy_dir, dtype=self.dtype, device=self.device,
-                                                 trust_remote_code=self.trust_remote_code)
+        if not self._load_weights_only(Path(policy_dir)):
+            self.model, self.tokenizer = load_policy(policy_dir, dtype=self.dtype, device=self.device,
+                                                     trust_remote_code=self.trust_remote_code)
         self.model.eval()
         self.policy = Path(policy_dir)
         self.eos = eos_token_ids(policy_dir, self.tokenizer)
         limits = [x for x in (self._max_model_len,
                               getattr(self.model.config, "max_position_embeddings", 0)) if x]
         self.max_model_len = int(min(limits)) if limits else 1 << 30
+
+    def _load_weights_only(self, policy_dir: Path) -> bool:
+        """Copy policy_dir's weights into the loaded model when nothing else differs (config,
+        generation config and tokenizer files byte-identical to the loaded policy's, weights in one
+        model.safetensors holding exactly the model's tensors, tied ones aside); else False."""
+        from safetensors.torch import load_file
+
+        from scope_cli.policy import check_policy_folder
+
+        old = getattr(self, "policy", None)
+        weights = policy_dir / "model.safetensors"
+        if getattr(self, "model", None) is None or old is None or not weights.exists():
+            return False
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            a, b = old / name, policy_dir / name
+            if a.exists() != b.exists() or (a.exists() and a.read_bytes() != b.read_bytes()):
+                return False
+        check_policy_folder(policy_dir)
+        state = load_file(weights)
+        own = self.model.state_dict()
+        tied = {k for k in own if k not in state and own[k].data_ptr() in
+                {v.data_ptr() for n, v in own.items() if n in state}}
+        if set(state) - set(own) or set(own) - set(state) - tied:
+            return False
+        import torch
+
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        return True
 
     def close(self) -> None:
         self.model = None
