@@ -23,7 +23,7 @@ from typing import Any
 
 from scope_cli.policy import PolicyError, check_policy_folder, load_error
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete
-from scope_cli.shards import folder_digest, remove_stale_temps, temp_prefix
+from scope_cli.shards import folder_digest, remove_stale_temps, swap_folder, temp_prefix
 from scope_cli.tasks import arith
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -142,13 +142,7 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
         if stray:
             raise PolicyError(f"{out}: refusing to save non-safetensors files {', '.join(stray)}")
         mark_policy_complete(tmp, {"hash": folder_digest(tmp), **json.loads(json.dumps(info))})
-        old = None
-        if out.exists():
-            old = out.parent / f"{temp_prefix(out.name)}old"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scope_cli.errors import ScopeError
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete, policy_complete
-from scope_cli.shards import folder_digest, remove_stale_temps, temp_prefix
+from scope_cli.shards import folder_digest, remove_stale_temps, swap_folder, temp_prefix
 
 # Files a policy folder may carry. Pickled weights (.bin/.pt/.pth/.pkl) and remote code (.py) are left
 # behind: weights load only from safetensors.
@@ -80,9 +80,7 @@ def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = 
                     and p.name != POLICY_MARKER:
                 shutil.copy2(p, tmp / p.name)
         mark_policy_complete(tmp, {"source": str(src), "hash": folder_digest(tmp), **(info or {})})
-        if dst.exists():
-            shutil.rmtree(dst)  # an incomplete leftover (no marker)
-        tmp.rename(dst)
+        swap_folder(tmp, dst)  # replaces an incomplete leftover (no marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -79,6 +79,20 @@ def temp_prefix(name: str) -> str:
     return f".{name}.tmp@{socket.gethostname()}@{os.getpid()}@"
 
 
+def swap_folder(tmp: Path, dst: Path) -> None:
+    """Put a finished temporary folder in place of `dst` (whatever was there is moved aside first,
+    then removed), so a reader sees the old folder or the new one, never a half-written one."""
+    import shutil
+
+    old = None
+    if dst.exists():
+        old = dst.parent / f"{temp_prefix(dst.name)}old"
+        dst.rename(old)
+    tmp.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

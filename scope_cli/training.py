@@ -217,7 +217,7 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    from scope_cli.shards import remove_stale_temps, temp_prefix
+    from scope_cli.shards import remove_stale_temps, swap_folder, temp_prefix
 
     state_dir = Path(state_dir)
     state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -231,13 +231,7 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        old = None
-        if state_dir.exists():
-            old = state_dir.parent / f"{temp_prefix(state_dir.name)}old"
-            state_dir.rename(old)
-        tmp.rename(state_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_folder(tmp, state_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -167,6 +167,20 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
     limit = cfg.generate.max_tokens  # new rows are held to the policy's own response budget
 
     accepted: dict[int, dict[str, Any]] = {}
+
+    def admit(candidates: dict[int, dict[str, Any]]) -> list[int]:
+        """Re-verify new rows; accept the right ones within the budget; return the others' indexes."""
+        rejected = []
+        for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
+            cand.update(cols)
+            long = len(cand["response_ids"]) > limit
+            counts["too_long"] += long
+            if cand["correct"] and not long:
+                accepted[i] = cand
+            else:
+                rejected.append(i)
+        return rejected
+
     if algo == "scope" and salvaged:
         requests = {}
         for i in salvaged:
@@ -185,17 +199,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
                 candidates[i] = new_row(rows[i], origin="rectified", sample_idx=new_idx[i],
                                         seed=seeds[i], ids=ids, offpolicy_start=cut,
                                         finish_reason=out.finish_reason, tokenizer=tokenizer)
-            checked = verifier(list(candidates.values()))
-            still = []
-            for (i, cand), cols in zip(candidates.items(), checked):
-                cand.update(cols)
-                long = len(cand["response_ids"]) > limit
-                counts["too_long"] += long
-                if cand["correct"] and not long:
-                    accepted[i] = cand
-                else:
-                    still.append(i)
-            pending = still
+            pending = admit(candidates)
         counts["dropped"] = len(pending)
         for i, cand in accepted.items():
             parent_len = max(len(rows[i]["response_ids"] or []), 1)
@@ -213,14 +217,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
             candidates[i] = new_row(rows[i], origin="reference", sample_idx=new_idx[i], seed=seeds[i],
                                     ids=ids, offpolicy_start=0, finish_reason="stop",
                                     tokenizer=tokenizer)
-        for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
-            cand.update(cols)
-            long = len(cand["response_ids"]) > limit
-            counts["too_long"] += long
-            if cand["correct"] and not long:
-                accepted[i] = cand
-            else:
-                counts["dropped"] += 1
+        counts["dropped"] += len(admit(candidates))
         counts["reference"] = len(accepted)
 
     out: list[dict[str, Any]] = []

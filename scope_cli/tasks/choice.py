@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from scope_cli.tasks.math import split_steps, step_texts  # noqa: F401  (same step convention)
+from scope_cli.tasks.math import canonical_solution, split_steps, step_texts  # noqa: F401  (same steps)
 
 NAME = "choice"
 STEP_SEPARATOR = "\n\n"
@@ -42,10 +42,6 @@ def check(answer: str, pred: str | None) -> bool:
     if gold is None:
         raise ValueError(f"gold answer {answer!r} is not an option letter")
     return pred is not None and pred.upper() == gold
-
-
-def canonical_solution(response: str) -> str:
-    return " ".join(response.split())
 
 
 def format_prompt(problem: str) -> str:
