@@ -80,10 +80,20 @@ def prepare(
     """Create a run: training prompts, held-out eval sets and policy-000 (the base policy)."""
     from rich.console import Console
 
+    from stages.prepare import discard_new_run
     from stages.prepare import prepare as prepare_stage
 
-    the_run = open_run(run, config, set_, force, create=True, trust_remote_code=trust_remote_code)
-    summary = prepare_stage(the_run, force=force, quiet=quiet)
+    root = run_path(run)
+    existed = root.exists()
+    # only a run this command creates (in a new or an empty folder) is removed again if it fails
+    fresh = not existed or (root.is_dir() and not any(root.iterdir()))
+    try:
+        the_run = open_run(run, config, set_, force, create=True, trust_remote_code=trust_remote_code)
+        summary = prepare_stage(the_run, force=force, quiet=quiet)
+    except BaseException:
+        if fresh:  # a failed first prepare leaves no run behind for a corrected retry to trip over
+            discard_new_run(root, keep_folder=existed)
+        raise
     console = Console()
     for key, value in summary.items():
         console.print(f"  {key}: {value}")

@@ -6,7 +6,9 @@ keys it reads (e.g. ``["generate", "run.seed", "policy"]``); `config_hash` of th
 stage's manifest, so a changed key makes exactly the stages that read it recompute.
 
 Keys marked operational (`op()`) change how work is done (worker counts, batch sizes, backends that give
-identical files), not what it computes: they are left out of a run's fixed config check.
+identical files), not what it computes: they are left out of a run's fixed config check. Numeric keys
+declare their allowed range on the field (scope_cli/config_sections.py); `validate` refuses a value
+outside it, and combinations a later stage could not run, when the config is loaded.
 """
 
 from __future__ import annotations
@@ -21,194 +23,26 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from scope_cli.errors import ScopeError
+from scope_cli.config_sections import (  # noqa: F401  (the sections are part of this module's API)
+    RunConfig,
+    TaskConfig,
+    PolicyConfig,
+    PrepareConfig,
+    GenerateConfig,
+    VerifyConfig,
+    PrmConfig,
+    LocateConfig,
+    RectifyConfig,
+    TrainConfig,
+    SftConfig,
+    EvalConfig,
+    RoundConfig,
+)
+from scope_cli.ranges import Range
 
 
 class ConfigError(ScopeError, ValueError):
     """A bad config: the message is one line naming the key and what was expected."""
-
-
-def op(default: Any = None, *, default_factory: Any = None) -> Any:
-    """A field that is operational: not part of the run's fixed config."""
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata={"operational": True})
-    return field(default=default, metadata={"operational": True})
-
-
-@dataclass
-class RunConfig:
-    name: str = "default"
-    seed: int = 0
-    algo: str = "scope"  # grpo | luffy | scope
-    # checkpoint retention, applied by `scope round` after each finished round (scope_cli/rounds.py);
-    # operational: it removes old files, never changes what a stage computes
-    keep_policies: int = op(0)  # keep the last K policy folders (0: keep all)
-    keep_every: int = op(0)  # and every M-th (0: none beyond the last K)
-    keep_state: int = op(1)  # keep train state of the last K rounds (0: all)
-
-
-@dataclass
-class TaskConfig:
-    name: str = "arith"  # default task for rows whose data_source names none: arith | math
-
-
-@dataclass
-class PolicyConfig:
-    path: str = "data/policies/arith-tiny"  # the base policy (HF folder), copied to policy-000
-    # the dtype train-step writes policy-R in: float32 keeps every update (an lr-1e-6 step is below
-    # bfloat16's resolution and would be rounded away; engines still compute in generate.dtype)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    trust_remote_code: bool = False
-
-
-@dataclass
-class PrepareConfig:
-    source: str = "arith"  # "arith" (built-in), a .jsonl/.parquet file, a folder, or hf:<dataset id>
-    split: str = "train"  # split to read from a dataset folder / hub dataset
-    eval_sources: list[str] = field(default_factory=list)  # ["name=path", ...] for non-arith tasks
-    shard_rows: int = 1024
-    seed: int = 1234  # data seed (built-in task): fixed apart from run.seed so arms share prompts
-    # built-in arithmetic task
-    train_size: int = 4096
-    eval_size: int = 1000
-    ood_size: int = 500
-    min_operands: int = 3
-    max_operands: int = 6
-    ood_min_operands: int = 7
-    ood_max_operands: int = 8
-
-
-@dataclass
-class GenerateConfig:
-    backend: str = "hf"  # hf | vllm | auto
-    prompts_per_round: int = 32
-    prompts_per_shard: int = 32
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_tokens: int = 64
-    stop: list[str] = field(default_factory=list)
-    batch_size: int = op(256)  # sequences per hf generate call
-    dtype: str = "float32"
-    tensor_parallel_size: int = op(1)
-    gpu_memory_utilization: float = op(0.5)
-    max_model_len: int = 0  # 0: the model's own limit
-
-
-@dataclass
-class VerifyConfig:
-    workers: int = op(2)
-    timeout: float = 5.0  # seconds per item, enforced from outside the worker
-    format_reward: float = 0.0  # reward given when \boxed{} is missing (off: 0)
-    truncation_penalty: float = 0.0  # subtracted when finish_reason == "length"
-
-
-@dataclass
-class PrmConfig:
-    backend: str = "rule"  # rule | hf | vllm
-    path: str = ""  # PRM folder for hf / vllm
-    convention: str = "qwen"  # qwen (<extra_0> + 2-class head) | shepherd (step tag, +/- tokens)
-    score: str = "failed"  # failed | all
-    noise: float = 0.0  # probability per row of missing or shifting the first error
-    batch_size: int = op(32)
-    batch_tokens: int = op(65536)  # hf: at most this many (padded) tokens per forward pass
-    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
-    device: str = op("auto")  # auto | cpu | cuda | cuda:N
-    step_tag: str = "ки"  # shepherd convention: the tag after each step
-    good_token: str = "+"  # shepherd convention: the "step is right" token
-    bad_token: str = "-"  # shepherd convention: the "step is wrong" token
-
-
-@dataclass
-class LocateConfig:
-    method: str = "threshold"  # threshold | argmin
-    threshold: float = 0.5
-    min_prefix_steps: int = 1
-    max_per_group: int = 2
-    salvage_disagreement: bool = False  # salvage failed rows where the PRM finds no wrong step
-
-
-@dataclass
-class RectifyConfig:
-    mode: str = "replace"  # replace | augment
-    guide: str = "oracle"  # oracle | model
-    guide_path: str = "data/policies/arith-guide"
-    guide_sees_reference: bool = False
-    guide_temperature: float = 1.0
-    max_tries: int = 4
-    max_tokens: int = 64
-    guide_tensor_parallel_size: int = op(1)  # vllm: GPUs per model-guide engine
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 1e-4  # measured on the embedded task: 1e-3 collapses within 10 rounds, 1e-4 and 3e-4 improve
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_updates: int = 0
-    total_updates: int = 0  # 0: constant LR after warm-up; >0: cosine decay to lr_min over this many
-    lr_min: float = 0.0
-    minibatches: int = 4
-    ppo_epochs: int = 1
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    offpolicy_loss: str = "shaped"  # shaped | nll
-    offpolicy_gamma: float = 0.1
-    advantage: str = "grpo"  # grpo | drgrpo (no std) | grpo_split (stats over policy rows)
-    adv_eps: float = 1e-6
-    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    kl_coef: float = 0.0
-    grad_clip: float = 1.0
-    drop_unverified: bool = False
-    tis_cap: float = 0.0  # truncated importance correction with the engine's logprobs (0: off)
-    micro_batch_tokens: int = op(0)  # rows × longest row per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
-    threads: int = op(1)  # CPU threads for training (0: torch's default); 1 is fastest for tiny models
-    fsdp: bool = False
-    activation_checkpointing: bool = False
-    mixed_precision: str = "bf16"  # for FSDP on GPU
-
-
-@dataclass
-class SftConfig:
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 3e-3
-    target_accuracy: float = 0.40
-    eval_every: int = 25
-    dense_from: float = 0.25  # evaluate every step once accuracy reaches this fraction of the target
-    monitor_size: int = 200
-    seed: int = 0  # model init, problem draws and solution orders
-    train_size: int = 20000  # distinct training problems (the run's held-out eval problems excluded)
-    min_operands: int = 3
-    max_operands: int = 6
-    warmup_steps: int = 50
-    max_new_tokens: int = 64  # greedy decoding on the monitor set
-    # tiny model shape
-    hidden_size: int = 64
-    layers: int = 4
-    heads: int = 4
-    intermediate_size: int = 256
-
-
-@dataclass
-class EvalConfig:
-    every: int = 5  # evaluate policy-R when R % every == 0 (round 0, the base, and the last round always)
-    sets: list[str] = field(default_factory=list)  # empty: every set in eval-sets/
-    greedy: bool = True
-    n_samples: int = 16  # samples per prompt at `temperature` (top_p / top_k / stop from [generate])
-    temperature: float = 1.0  # keep equal to generate.temperature: sampled metrics at the training T
-    max_tokens: int = 64
-    limit: int = 0  # 0: whole set; else its first `limit` prompts
-    sampled_limit: int = 200  # sampled metrics (n_samples each) on the first K prompts of a set (0: all)
-    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # pass@k and maj@k for k <= n_samples
-
-
-@dataclass
-class RoundConfig:
-    isolate: str = op("auto")  # auto | on | off: run each stage as a subprocess
-    # isolated rounds: train-step runs under `torchrun --standalone --nproc-per-node N` when N > 1
-    # (DDP, or FSDP2 with train.fsdp, over one node's GPUs); 1: one plain process
-    train_procs: int = op(1)
 
 
 @dataclass
@@ -260,15 +94,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("bf16", "fp32"),
     "round.isolate": ("auto", "on", "off"),
 }
-
-POSITIVE: tuple[str, ...] = (
-    "generate.n", "generate.prompts_per_round", "generate.prompts_per_shard", "generate.max_tokens",
-    "generate.batch_size", "verify.workers", "verify.timeout", "prepare.shard_rows",
-    "train.minibatches", "train.ppo_epochs", "eval.every", "eval.n_samples", "eval.max_tokens",
-    "rectify.max_tries", "rectify.max_tokens", "rectify.guide_tensor_parallel_size", "prm.batch_tokens",
-    "sft.steps", "sft.batch_size", "sft.eval_every", "round.train_procs",
-)
-
 
 # ---- building a config ---------------------------------------------------------------------------
 def _section(cfg: Config, section: str, where: str) -> Any:
@@ -405,21 +230,51 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def validate(cfg: Config) -> None:
+    """Every choice among its values, every number within its declared range, then the combinations
+    a later stage would otherwise refuse only after the earlier ones ran. One line per problem."""
     for dotted, allowed in CHOICES.items():
         value = cfg.get(dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: expected one of {', '.join(allowed)}, got {value!r}")
-    for dotted in POSITIVE:
-        value = cfg.get(dotted)
-        if value <= 0:
-            raise ConfigError(f"{dotted}: expected a positive number, got {value!r}")
-    for dotted in ("run.keep_policies", "run.keep_every", "run.keep_state"):
-        if cfg.get(dotted) < 0:
-            raise ConfigError(f"{dotted}: expected 0 (off) or a positive number, got {cfg.get(dotted)!r}")
-    if not 0.0 <= cfg.prm.noise <= 1.0:
-        raise ConfigError(f"prm.noise: expected a probability in [0, 1], got {cfg.prm.noise!r}")
+    for sec_field in fields(cfg):
+        section = getattr(cfg, sec_field.name)
+        hints = get_type_hints(type(section))
+        for f in fields(section):
+            rng: Range | None = f.metadata.get("range")
+            if rng is None:
+                continue
+            value, dotted = getattr(section, f.name), f"{sec_field.name}.{f.name}"
+            integer = int in (hints[f.name], *get_args(hints[f.name]))
+            for item in value if isinstance(value, list) else [value]:
+                if not rng.contains(item):
+                    shown = f"{value!r}" if not isinstance(value, list) else f"{item!r} in {value!r}"
+                    raise ConfigError(f"{dotted}: got {shown}, expected {rng.describe(integer)}")
+    _check_combinations(cfg)
     if cfg.generate.prompts_per_shard > cfg.generate.prompts_per_round:
         cfg.generate.prompts_per_shard = cfg.generate.prompts_per_round
+
+
+def _check_combinations(cfg: Config) -> None:
+    g, t = cfg.generate, cfg.train
+    if g.top_p != 1.0 or g.top_k != 0:
+        raise ConfigError(f"generate.top_p={g.top_p}, generate.top_k={g.top_k}: RL sampling must use "
+                          "top_p=1 and top_k=0 (train-step recomputes old log-probs as "
+                          "softmax(logits / temperature))")
+    if g.prompts_per_round * g.n > 1_000_000:
+        raise ConfigError(f"generate.prompts_per_round × generate.n = {g.prompts_per_round} × {g.n}: "
+                          "expected at most 1_000_000 rows per round")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {t.betas!r}")
+    if t.lr_min > t.lr:
+        raise ConfigError(f"train.lr_min: got {t.lr_min!r}, expected at most train.lr ({t.lr!r})")
+    for low, high in (("prepare.min_operands", "prepare.max_operands"),
+                      ("prepare.ood_min_operands", "prepare.ood_max_operands"),
+                      ("sft.min_operands", "sft.max_operands")):
+        if cfg.get(low) > cfg.get(high):
+            raise ConfigError(f"{high}: got {cfg.get(high)!r}, expected at least {low} ({cfg.get(low)!r})")
+    if cfg.sft.hidden_size % cfg.sft.heads:
+        raise ConfigError(f"sft.hidden_size: got {cfg.sft.hidden_size}, expected a multiple of sft.heads "
+                          f"({cfg.sft.heads})")
 
 
 # ---- serialisation, comparison, hashing ----------------------------------------------------------

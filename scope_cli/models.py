@@ -23,7 +23,7 @@ from typing import Any
 
 from scope_cli.policy import PolicyError, check_policy_folder, load_error
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete
-from scope_cli.shards import folder_digest, remove_stale_temps, swap_folder, temp_prefix
+from scope_cli.shards import folder_digest, remove_stale_temps, swap_folder, temp_prefix, write_failure
 from scope_cli.tasks import arith
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -143,9 +143,12 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
             raise PolicyError(f"{out}: refusing to save non-safetensors files {', '.join(stray)}")
         mark_policy_complete(tmp, {"hash": folder_digest(tmp), **json.loads(json.dumps(info))})
         swap_folder(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failure = write_failure(exc, out)
+        if failure is exc:
+            raise
+        raise failure from exc
     return out
 
 
@@ -161,7 +164,10 @@ def _portable_tokenizer_config(path: Path) -> None:
 
 def policy_info(path: str | Path) -> dict:
     """The marker's contents (what wrote the policy, its hash, training notes)."""
-    return json.loads((Path(path) / POLICY_MARKER).read_text())
+    from scope_cli.jsonfile import read_json_object
+
+    return read_json_object(Path(path) / POLICY_MARKER, fix="the policy folder is damaged: rerun the "
+                            "command that wrote it")
 
 
 def count_parameters(model) -> int:

@@ -89,7 +89,8 @@ def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = 
 
 def policy_hash(path: Path) -> str:
     """The hash recorded when the policy was completed (cheap: no re-hashing of weights)."""
-    import json
+    from scope_cli.jsonfile import read_json_object
 
     marker = Path(path) / POLICY_MARKER
-    return json.loads(marker.read_text()).get("hash", "")
+    return str(read_json_object(marker, fix="the policy folder is damaged: rerun the command that "
+                                "wrote it").get("hash", ""))

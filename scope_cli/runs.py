@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,9 +33,21 @@ class RunError(ScopeError):
     """A run-level problem (missing input, refused config): one line."""
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+
+
 def run_root(run: str, runs_dir: str | Path = "runs") -> Path:
-    """A bare name lives under runs_dir; anything with a slash is a path."""
-    return Path(run) if ("/" in run or run.startswith(".")) else Path(runs_dir) / run
+    """A plain name (letters, digits, `._+=@-`, not starting with a dot) lives under runs_dir; a value
+    with a slash is an explicit path (`./mine`, `/scratch/mine`), never one that climbs with `..`."""
+    if "/" in run:
+        if ".." in Path(run).parts:
+            raise RunError(f"--run {run}: a run path must not contain '..' (give the folder as an "
+                           "absolute path, or a plain name under the runs folder)")
+        return Path(run)
+    if not _RUN_NAME.match(run):
+        raise RunError(f"--run {run!r}: expected a plain run name (letters, digits and ._+=@-, not "
+                       "starting with a dot) or an explicit path such as ./NAME")
+    return Path(runs_dir) / run
 
 
 class Run:
@@ -75,6 +88,9 @@ class Run:
         if not create:
             raise RunError(f"{root}: no run here (no config.toml); create it with `scope prepare`")
         cfg = load_config(toml_path, overrides)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RunError(f"{root}: exists and is not a run (no config.toml); a new run needs a new "
+                           "or empty folder")
         root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(to_toml(cfg), stored)
         return cls(root, cfg)
@@ -154,6 +170,7 @@ def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> l
     n = len(all_ids)
     if n == 0:
         raise RunError("no training prompts")
+    check_round_size(per_round, n, "the run's prompts/")
     start = (round_ - 1) * per_round
     out = []
     for pos in range(start, start + per_round):
@@ -161,6 +178,13 @@ def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> l
         perm = _epoch_permutation(n, seed, epoch)
         out.append(all_ids[perm[offset]])
     return out
+
+
+def check_round_size(per_round: int, prompts: int, source: str) -> None:
+    """A round draws each prompt at most once: it cannot ask for more prompts than there are."""
+    if per_round > prompts:
+        raise RunError(f"generate.prompts_per_round: got {per_round}, expected at most the {prompts} "
+                       f"training prompts of {source}")
 
 
 _PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}

@@ -137,7 +137,7 @@ def sft(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, Any]:
             group["lr"] = s.lr * min(1.0, step / max(s.warmup_steps, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))  # 0: none
         opt.step()
         train_seconds += time.perf_counter() - t0
 

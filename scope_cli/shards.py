@@ -153,10 +153,23 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException as exc:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, ScopeError):
-            raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); nothing was left under "
-                             "this name, rerun once there is space or permission") from exc
-        raise
+        failure = write_failure(exc, path)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def write_failure(exc: BaseException, path: Path) -> BaseException:
+    """A failed write as a one-line WriteError: an OSError (a full disk, a permission) or
+    safetensors' SafetensorError, which a full disk raises while writing weights and which is not an
+    OSError. Anything else is returned unchanged."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, ScopeError) or not isinstance(exc, (OSError, SafetensorError)):
+        return exc
+    reason = (exc.strerror if isinstance(exc, OSError) else None) or (str(exc).splitlines() or [""])[0]
+    return WriteError(f"{path}: cannot write ({reason or type(exc).__name__}); nothing was left under "
+                      "this name, rerun once there is space or permission")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -332,18 +345,31 @@ def shard_lock(stage_dir: Path, index: int) -> Iterator[bool]:
 def worker_slot(shard_index: int | None = None, num_shards: int | None = None) -> tuple[int, int]:
     """(index, count) of this worker: explicit flags, else RANK/WORLD_SIZE, else SLURM arrays."""
     if shard_index is not None or num_shards is not None:
-        index, count = shard_index or 0, num_shards or 1
+        index = 0 if shard_index is None else shard_index
+        count = 1 if num_shards is None else num_shards
+        where = "--shard-index/--num-shards"
     elif "WORLD_SIZE" in os.environ:
-        index, count = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+        index, count = env_int("RANK", "0"), env_int("WORLD_SIZE")
+        where = "RANK/WORLD_SIZE"
     elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        base = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - base
-        count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        index = env_int("SLURM_ARRAY_TASK_ID") - env_int("SLURM_ARRAY_TASK_MIN", "0")
+        count = env_int("SLURM_ARRAY_TASK_COUNT")
+        where = "SLURM_ARRAY_TASK_ID/_MIN/_COUNT"
     else:
         index, count = 0, 1
+        where = ""
     if count < 1 or not 0 <= index < count:
-        raise ShardError(f"worker slot {index} of {count} is out of range (need 0 <= index < count)")
+        raise ShardError(f"worker slot {index} of {count} ({where}) is out of range: need a count >= 1 "
+                         "and 0 <= index < count")
     return index, count
+
+
+def env_int(name: str, default: str | None = None) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ShardError(f"environment variable {name}={text!r}: expected an integer") from None
 
 
 # ---- running a sharded stage -----------------------------------------------------------------------

@@ -62,9 +62,9 @@ def set_threads(threads: int) -> None:
 def init_dist(device: str = "auto") -> Dist:
     """This process's place, from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process without
     them); under torchrun the process group is initialised, NCCL on GPUs and gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    from scope_cli.shards import env_int
+
+    world, rank, local = env_int("WORLD_SIZE", "1"), env_int("RANK", "0"), env_int("LOCAL_RANK", "0")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -217,7 +217,7 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    from scope_cli.shards import remove_stale_temps, swap_folder, temp_prefix
+    from scope_cli.shards import remove_stale_temps, swap_folder, temp_prefix, write_failure
 
     state_dir = Path(state_dir)
     state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -232,9 +232,12 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         swap_folder(tmp, state_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failure = write_failure(exc, state_dir)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def read_trainer_info(state_dir: Path) -> dict[str, Any]:

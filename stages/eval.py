@@ -162,9 +162,10 @@ def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sam
            seed: int, policy: str, eval_set: str, mode: str) -> list[dict[str, Any]]:
     """n answers per prompt, each with its own seed, as EVAL_SAMPLES rows (not yet verified). A prompt
     that leaves no room under the model's length limit gets no rows (the caller counts it)."""
-    encoded = [encode_prompt(engine.tokenizer, prompt_text(row, engine.tokenizer)) for row in prompts]
+    encoded = [encode_prompt(engine.tokenizer, prompt_text(row, engine.tokenizer), engine.max_model_len)
+               for row in prompts]
     plan = [(i, k) for i in range(len(prompts)) for k in range(n)
-            if len(encoded[i]) < engine.max_model_len]
+            if encoded[i] is not None and len(encoded[i]) < engine.max_model_len]
     if not plan:
         return []
     seeds = [row_seed(seed, EVAL_SEED_ROUND, prompts[i]["prompt_id"], k) for i, k in plan]

@@ -98,9 +98,9 @@ def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], star
     """n rows per prompt (sample indexes start..start+n-1), sampled with each row's own seed. A prompt
     that leaves no room under the model's length limit gets no rows (the caller counts it)."""
     texts = [prompt_text(row, backend.tokenizer) for row in prompts]
-    encoded = [encode_prompt(backend.tokenizer, t) for t in texts]
+    encoded = [encode_prompt(backend.tokenizer, t, backend.max_model_len) for t in texts]
     plan = [(i, start + k) for i, start in enumerate(starts) for k in range(n)
-            if len(encoded[i]) < backend.max_model_len]
+            if encoded[i] is not None and len(encoded[i]) < backend.max_model_len]
     if not plan:
         return []
     seeds = [row_seed(seed, round_, prompts[i]["prompt_id"], idx) for i, idx in plan]

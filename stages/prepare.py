@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ import pyarrow.parquet as pq
 
 from scope_cli.config import config_hash
 from scope_cli.errors import ScopeError
-from scope_cli.runs import Run
+from scope_cli.jsonfile import read_json_object
+from scope_cli.runs import Run, check_round_size, policy_complete
 from scope_cli.schema import PROMPTS, conform
 from scope_cli.shards import (
     ShardJob,
@@ -133,7 +135,7 @@ def normalise_row(raw: dict[str, Any], where: str, default_task: str) -> dict[st
             raise PrepareError(f"{where}: field problem: {problem[:40]!r} is not an arith problem "
                                "(single digits joined by + and -)") from None
     extra = raw.get("extra_info")
-    difficulty = raw.get("difficulty", raw.get("level"))
+    difficulty = _difficulty(raw.get("difficulty", raw.get("level")), where)
     return {
         "problem": problem,
         "messages": messages,
@@ -141,9 +143,18 @@ def normalise_row(raw: dict[str, Any], where: str, default_task: str) -> dict[st
         "solution": solution,
         "data_source": data_source,
         "task": task,
-        "difficulty": int(difficulty) if isinstance(difficulty, (int, float)) else None,
+        "difficulty": difficulty,
         "extra_info": None if extra is None else json.dumps(extra, sort_keys=True, default=str),
     }
+
+
+def _difficulty(value: Any, where: str) -> int | None:
+    """A row's difficulty (or MATH's `level`) as an integer (a fraction is cut) when numeric, else none."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if not math.isfinite(value) or abs(value) >= 2**63:
+        raise PrepareError(f"{where}: field difficulty: expected a finite number below 2**63, got {value!r}")
+    return int(value)
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -163,6 +174,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PrepareError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise PrepareError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise PrepareError(f"{path}:{lineno}: expected a JSON object per line")
         rows.append((f"{path}:{lineno}", obj))
@@ -252,7 +265,10 @@ def dedupe(rows: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]]
 
 # ---- the built-in task ---------------------------------------------------------------------------
 def arith_rows(count: int, lo: int, hi: int, seed: int, exclude: set[str], name: str):
-    rows = arith.generate_problems(seed, count, lo, hi, exclude)
+    try:
+        rows = arith.generate_problems(seed, count, lo, hi, exclude)
+    except ValueError as exc:
+        raise PrepareError(f"prepare: the {name} set: {exc}") from None
     return [(f"arith:{name}:{i}", {**r, "messages": None, "data_source": "arith", "task": "arith",
                                     "extra_info": None}) for i, r in enumerate(rows)]
 
@@ -295,9 +311,14 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Write prompts/, eval-sets/ and policy-000/. Returns counts for the CLI to print."""
-    from scope_cli.policy import PolicyError, copy_policy
+    from scope_cli.policy import PolicyError, check_policy_folder, copy_policy
 
     cfg = run.config
+    if not policy_complete(run.policy_dir(0)):  # checked before anything is written
+        try:
+            check_policy_folder(Path(cfg.policy.path))
+        except PolicyError as exc:
+            raise PolicyError(f"policy.path: {exc}") from None
     cfg_hash = config_hash(cfg, CONFIG_KEYS)
     sources = [] if cfg.prepare.source in ("arith",) or cfg.prepare.source.startswith("hf:") else [
         Path(cfg.prepare.source)]
@@ -305,10 +326,11 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
     done_marker = run.root / "eval-sets" / "_manifest.json"
     prompt_files = list_shard_files(run.prompts_dir)
     already = (not force and done_marker.exists() and prompt_files and
-               json.loads(done_marker.read_text()).get("config_hash") == cfg_hash)
+               read_json_object(done_marker).get("config_hash") == cfg_hash)
     summary: dict[str, Any] = {}
     if not already:
         train, evals, counts = build_tables(cfg)
+        check_round_size(cfg.generate.prompts_per_round, len(train), cfg.prepare.source)
         per = cfg.prepare.shard_rows
         chunks = [train[i:i + per] for i in range(0, len(train), per)]
         jobs = [ShardJob(i, source_files, (lambda rows=rows: (to_table(rows), {"rows": len(rows)})))
@@ -329,13 +351,21 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         summary = {"prompts": len(train), **{f"eval:{k}": len(v) for k, v in evals.items()}, **counts}
         write_json_atomic({"config_hash": cfg_hash, **summary}, done_marker)
     else:
-        summary = {k: v for k, v in json.loads(done_marker.read_text()).items() if k != "config_hash"}
+        summary = {k: v for k, v in read_json_object(done_marker).items() if k != "config_hash"}
         summary["skipped"] = "already prepared"
 
-    try:
-        copy_policy(Path(cfg.policy.path), run.policy_dir(0), {"round": 0},
-                    code=cfg.policy.trust_remote_code)
-        summary["policy-000"] = str(cfg.policy.path)
-    except PolicyError as exc:
-        summary["policy-000"] = f"missing: {exc}"
+    copy_policy(Path(cfg.policy.path), run.policy_dir(0), {"round": 0}, code=cfg.policy.trust_remote_code)
+    summary["policy-000"] = str(cfg.policy.path)
     return summary
+
+
+def discard_new_run(root: Path, keep_folder: bool) -> None:
+    """Remove what a failed first `scope prepare` wrote (the folder itself unless it existed before,
+    empty, as `Run.open` requires of a new run's folder)."""
+    import shutil
+
+    if not keep_folder:
+        shutil.rmtree(root, ignore_errors=True)
+    elif root.is_dir():
+        for entry in root.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

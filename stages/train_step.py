@@ -92,17 +92,6 @@ NEEDED = pa.schema([RECTIFIED.field(n) for n in (
 METRICS_FILE = "metrics.parquet"
 
 
-def check_sampling(cfg: Config) -> None:
-    g = cfg.generate
-    if g.top_p != 1.0 or g.top_k != 0:
-        raise TrainError(
-            f"generate.top_p={g.top_p}, generate.top_k={g.top_k}: RL sampling must use top_p=1 and "
-            "top_k=0 (train-step recomputes old log-probs as softmax(logits / temperature))"
-        )
-    if g.temperature <= 0:
-        raise TrainError(f"generate.temperature={g.temperature}: RL sampling needs a temperature > 0")
-
-
 # ---- 1. the round batch -------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -317,7 +306,8 @@ def update(model, opt, rows: list[Row], d: Dist, cfg: Config, pad_id: int, lr: f
             sums[key] += stats[key]
     for group in opt.param_groups:
         group["lr"] = lr
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    # train.grad_clip = 0: no clipping (the norm is still measured and logged)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     opt.step()
@@ -394,7 +384,6 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
 
     cfg = run.config
     t = cfg.train
-    check_sampling(cfg)
     out_policy, train_dir = run.policy_dir(round_), run.train_dir(round_)
     cfg_hash = config_hash(cfg, CONFIG_KEYS)
     if not force and is_done(run, round_, cfg_hash):

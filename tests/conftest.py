@@ -19,11 +19,13 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def fitted_policy(tmp_path_factory):
-    """A tiny arith policy fitted for 60 steps (tests/gen_helpers.py): greedy decoding writes steps,
+    """A tiny arith policy fitted for 60 steps, or more until greedy decoding is well formed
+    (tests/gen_helpers.py): greedy decoding writes steps,
     answers and EOS. Built once per test session."""
     import torch
 
     from gen_helpers import fit_tiny_policy
 
     torch.set_num_threads(1)
-    return fit_tiny_policy(tmp_path_factory.mktemp("policies") / "fitted", steps=60)
+    return fit_tiny_policy(tmp_path_factory.mktemp("policies") / "fitted", steps=60,
+                           until_well_formed=True)

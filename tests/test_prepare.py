@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,9 +12,11 @@ from scope_cli.shards import read_stage
 from stages.prepare import PrepareError, prepare, prompt_id
 
 
+POLICY = str(Path(__file__).resolve().parents[1] / "data" / "policies" / "arith-tiny")
+
+
 def make_run(tmp_path, *overrides):
-    return Run.open(tmp_path / "run", None, ["policy.path=" + str(tmp_path / "nopolicy"), *overrides],
-                    create=True)
+    return Run.open(tmp_path / "run", None, ["policy.path=" + POLICY, *overrides], create=True)
 
 
 def verl_table():
@@ -42,7 +45,7 @@ def verl_table():
 def test_verl_parquet_written_elsewhere(tmp_path):
     src = tmp_path / "train.parquet"
     pq.write_table(verl_table(), src)
-    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math")
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2")
     summary = prepare(run, quiet=True)
     rows = read_stage(run.prompts_dir).to_pylist()
     assert summary["prompts"] == 2 and summary["duplicates"] == 1  # the same problem twice (same answer)
@@ -60,7 +63,7 @@ def test_conflicting_duplicates_name_both_sources(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"problem": "2+2", "answer": "4"}\n{"problem": "3+3", "answer": "6"}\n'
                    '{"problem": "2+2", "answer": "5"}\n')
-    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math")
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2")
     with pytest.raises(PrepareError) as err:
         prepare(run, quiet=True)
     assert f"{src}:3: same problem as {src}:1 with a different answer ('5' vs '4')" in str(err.value)
@@ -80,7 +83,7 @@ def test_conflicting_duplicates_name_both_sources(tmp_path):
 def test_bad_jsonl_is_one_line(tmp_path, content, message):
     src = tmp_path / "d.jsonl"
     src.write_bytes(content)
-    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math")
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2")
     with pytest.raises(PrepareError) as err:
         prepare(run, quiet=True)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -98,7 +101,7 @@ def test_local_hf_dataset_folder_and_eval_sources(tmp_path):
     (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
     held = tmp_path / "held.jsonl"
     held.write_text('{"problem": "c+d", "answer": "2"}\n{"problem": "x+y", "answer": "9"}\n')
-    run = make_run(tmp_path, f"prepare.source={folder}", "task.name=math",
+    run = make_run(tmp_path, f"prepare.source={folder}", "task.name=math", "generate.prompts_per_round=1",
                    f'prepare.eval_sources=["held={held}"]')
     summary = prepare(run, quiet=True)
     assert summary["removed_eval_overlap"] == 1  # eval sets are disjoint from the prompts
@@ -114,7 +117,7 @@ def test_arith_prepare_is_disjoint_deterministic_and_resumable(tmp_path):
                    "prepare.shard_rows=128")
     summary = prepare(run, quiet=True)
     assert summary["prompts"] == 300 and summary["eval:heldout"] == 100 and summary["eval:ood"] == 50
-    assert "missing" in summary["policy-000"]
+    assert summary["policy-000"] == POLICY
     train = read_stage(run.prompts_dir).to_pylist()
     held = pq.read_table(run.eval_sets_dir / "heldout.parquet").to_pylist()
     ood = pq.read_table(run.eval_sets_dir / "ood.parquet").to_pylist()
@@ -124,7 +127,7 @@ def test_arith_prepare_is_disjoint_deterministic_and_resumable(tmp_path):
     assert len(list(run.prompts_dir.glob("shard-*.parquet"))) == 3
     before = {p.name: p.read_bytes() for p in run.prompts_dir.glob("shard-*.parquet")}
     assert prepare(run, quiet=True)["skipped"] == "already prepared"
-    other = Run.open(tmp_path / "run2", None, ["policy.path=" + str(tmp_path / "nopolicy"),
+    other = Run.open(tmp_path / "run2", None, ["policy.path=" + POLICY,
                                                "prepare.train_size=300", "prepare.eval_size=100",
                                                "prepare.ood_size=50", "prepare.shard_rows=128"], create=True)
     prepare(other, quiet=True)
@@ -152,6 +155,10 @@ def test_cli_prepare_status_and_errors(tmp_path, monkeypatch):
     cli = CliRunner()
     args = ["--run", "demo", "--set", "prepare.train_size=64", "--set", "prepare.eval_size=16",
             "--set", "prepare.ood_size=8", "--set", f"policy.path={tmp_path / 'none'}"]
+    res = cli.invoke(app, ["prepare", *args, "--quiet"])  # a missing base policy: refused, nothing kept
+    assert res.exit_code == 2 and "policy.path:" in res.output and "does not exist" in res.output
+    assert not (tmp_path / "runs" / "demo").exists()
+    args[-1] = f"policy.path={POLICY}"
     res = cli.invoke(app, ["prepare", *args, "--quiet"])
     assert res.exit_code == 0, res.output
     assert "prompts: 64" in res.output

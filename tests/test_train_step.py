@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import build_round, make_run, rectified_rows, write_rectified
 
+from scope_cli.config import ConfigError
 from scope_cli.errors import ScopeError
 from scope_cli.models import init_tiny_policy, load_policy, policy_info
 from scope_cli.runs import Run, policy_complete
@@ -150,12 +151,12 @@ def test_missing_previous_state_is_refused(round1, tmp_path):
 
 
 def test_sampling_with_top_p_or_top_k_is_refused(tmp_path):
-    run = make_run(tmp_path / "run", ["generate.top_p=0.9"])
-    with pytest.raises(TrainError, match="top_p=1 and top_k=0"):
-        train_step(run, 1, quiet=True)
-    proc = subprocess.run([*SCOPE, "train-step", "--run", str(run.root), "--round", "1"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    """RL sampling must be the plain softmax at the temperature: refused when the config is loaded,
+    before any stage runs (reliability/test_values.py covers the CLI)."""
+    run = make_run(tmp_path / "run")
+    for bad in ("generate.top_p=0.9", "generate.top_k=5"):
+        with pytest.raises(ConfigError, match="top_p=1 and top_k=0"):
+            Run.open(run.root, None, [bad], force=True)
 
 
 # ---- the batch: masks, advantages, what is left out --------------------------------------------

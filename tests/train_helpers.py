@@ -118,3 +118,29 @@ def write_rectified(run: Run, round_: int, rows: list[dict], shards: int = 2) ->
 
 def build_round(run: Run, round_: int, **kw) -> None:
     write_rectified(run, round_, rectified_rows(run, round_, **kw))
+
+
+def assert_adam_updates_agree(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], lr: float,
+                              updates: int = 1, tight: float = 0.01, loose_share: float = 0.001) -> None:
+    """Weights after the same Adam updates computed two ways (float sums in another order: micro-
+    batches, processes, another CPU's vector width) agree as far as the maths allows.
+
+    Adam's first step moves a weight by lr·m/(sqrt(v)+eps) ≈ lr·sign(grad), whatever the gradient's
+    size, so a weight can differ by at most 2·lr per update (a near-zero gradient whose sign flips);
+    for any gradient well above eps the reordered sums change the step by a relative ~1e-6. So every
+    element must agree within 2·lr·updates (+ float32 rounding of the weight itself), and all but a
+    `loose_share` of them within `tight` of one step.
+    """
+    assert sorted(got) == sorted(want)
+    total = loose = 0
+    worst = 0.0
+    for name in want:
+        a, b = got[name].double(), want[name].double()
+        rounding = 2 * torch.finfo(torch.float32).eps * torch.maximum(a.abs(), b.abs())
+        diff = (a - b).abs() - rounding
+        worst = max(worst, diff.max().item())
+        loose += int((diff > tight * lr).sum())
+        total += diff.numel()
+    assert worst <= 2 * lr * updates, f"a weight differs by {worst:.3g} > 2·lr·updates = {2 * lr * updates:.3g}"
+    assert loose <= loose_share * total, (f"{loose} of {total} weights differ by more than {tight:.0%} of "
+                                          f"an Adam step (allowed {loose_share:.1%})")

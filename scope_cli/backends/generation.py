@@ -101,12 +101,32 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+def encode_prompt(tokenizer: Any, text: str, limit: int | None = None) -> list[int] | None:
     """Prompt token ids as the tokenizer adds special tokens by default for its model family; a text
-    that already starts with the BOS token (a chat template wrote it) does not get a second one."""
+    that already starts with the BOS token (a chat template wrote it) does not get a second one.
+
+    With `limit` (the model's context), a text certainly longer than that is not tokenized at all
+    (None): it has at least len(text) / (longest vocabulary entry) tokens. The bound is taken 4x wider
+    so that a normaliser that drops characters cannot fool it. Tokenizing a 10 MB line costs GBs of
+    memory and tens of seconds, only to be skipped."""
+    if limit is not None and len(text) > 4 * limit * max_token_chars(tokenizer):
+        return None
     bos = getattr(tokenizer, "bos_token", None)
     add = not (bos and text.startswith(bos))
     return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry in characters (byte-level BPE spells each byte as one character,
+    so this bounds the text one token can cover), computed once per tokenizer."""
+    cached = getattr(tokenizer, "_scope_max_token_chars", None)
+    if cached is None:
+        cached = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._scope_max_token_chars = cached
+        except AttributeError:  # a tokenizer that takes no new attributes: recomputed next time
+            pass
+    return max(int(cached), 1)
 
 
 def eos_token_ids(policy_dir: Path, tokenizer: Any) -> set[int]:
@@ -116,8 +136,13 @@ def eos_token_ids(policy_dir: Path, tokenizer: Any) -> set[int]:
         ids.add(int(tokenizer.eos_token_id))
     gen = Path(policy_dir) / "generation_config.json"
     if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+        from scope_cli.jsonfile import JsonFileError, read_json_object
+
+        eos = read_json_object(gen, fix="fix or remove the file").get("eos_token_id")
+        eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise JsonFileError(f"{gen}: eos_token_id: expected token ids (integers), got {eos!r}")
+        ids.update(eos)
     return ids
 
 

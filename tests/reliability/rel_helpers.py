@@ -97,3 +97,21 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+# ---- the command line in this process -----------------------------------------------------------------
+def cli(*args: str, env: dict[str, str] | None = None):
+    from typer.testing import CliRunner
+
+    from scope_cli.app import app
+
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def one_line_error(res, *fragments: str) -> str:
+    """The command failed with exit code 2 and one line starting `error:` holding every fragment."""
+    assert res.exit_code == 2, res.output
+    text = res.output.strip()
+    assert text.startswith("error:") and len(text.splitlines()) == 1, text
+    for fragment in fragments:
+        assert fragment in text, text
+    return text
+

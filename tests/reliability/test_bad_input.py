@@ -20,26 +20,11 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rel_helpers import POLICY, TINY, copy_run, data_files
-from typer.testing import CliRunner
+from rel_helpers import POLICY, TINY, cli, copy_run, data_files, one_line_error
 
-from scope_cli.app import app
 from scope_cli.runs import Run
 from scope_cli.schema import VERIFIED
 from scope_cli.shards import list_shard_files, manifest_path, read_stage, shard_path, write_parquet_atomic
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
-
-
-def one_line_error(res, *fragments: str) -> str:
-    assert res.exit_code == 2, res.output
-    text = res.output.strip()
-    assert text.startswith("error:") and len(text.splitlines()) == 1, text
-    for fragment in fragments:
-        assert fragment in text, text
-    return text
 
 
 def snapshot(root) -> dict[str, str]:
@@ -196,8 +181,8 @@ def test_config_errors_on_the_command_line(reference, tmp_path):
                    "unknown key 'timout'", "did you mean 'verify.timeout'?")
     assert snapshot(root) == before
     fresh = tmp_path / "fresh"
-    for bad, message in (("generate.n=0", "generate.n: expected a positive number, got 0"),
-                         ("generate.n=-4", "generate.n: expected a positive number, got -4"),
+    for bad, message in (("generate.n=0", "generate.n: got 0, expected an integer >= 1"),
+                         ("generate.n=-4", "generate.n: got -4, expected an integer >= 1"),
                          ("generate.n=four", "expected an integer, got 'four'")):
         one_line_error(cli("prepare", "--run", str(fresh), "--set", bad), message)
     assert not fresh.exists()  # a refused config creates nothing
@@ -211,13 +196,12 @@ def test_policy_folder_without_tokenizer(reference, tmp_path):
         (broken / name).unlink()
     root = copy_run(reference["root"], tmp_path / "run")
     one_line_error(cli("eval", "--run", str(root), "--policy", str(broken)), "broken: no tokenizer files")
-    # as the base policy: prepare notes it, and the round says what is wrong with policy.path
+    # as the base policy: prepare refuses it, naming policy.path, and leaves no run behind
     fresh = tmp_path / "fresh"
     settings = [x for item in [*TINY, f"policy.path={broken}"] for x in ("--set", item)]
-    res = cli("prepare", "--run", str(fresh), "--quiet", *settings)
-    assert res.exit_code == 0 and "policy-000: missing" in res.output
-    one_line_error(cli("round", "1", "--run", str(fresh)), "no base policy; policy.path",
+    one_line_error(cli("prepare", "--run", str(fresh), "--quiet", *settings), "policy.path:",
                    "broken: no tokenizer files")
+    assert not fresh.exists()
 
 
 # ---- datasets ------------------------------------------------------------------------------------------

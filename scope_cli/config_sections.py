@@ -1,0 +1,205 @@
+"""The config's sections: one dataclass per stage plus `run`, `task`, `policy` and `round`.
+
+Every key has a default and a comment; numeric keys declare their allowed range (`key(default,
+Range(...))`, scope_cli/ranges.py) and operational keys are marked (`op(...)`). scope_cli/config.py
+builds, validates, compares and hashes a `Config` made of these sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scope_cli.ranges import Range, key, op
+
+SEED = Range(ge=0, le=2**63 - 1)
+PROB = Range(ge=0, le=1)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    seed: int = key(0, SEED)
+    algo: str = "scope"  # grpo | luffy | scope
+    # checkpoint retention, applied by `scope round` after each finished round (scope_cli/rounds.py);
+    # operational: it removes old files, never changes what a stage computes
+    keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders
+    keep_every: int = op(0, Range(ge=1, zero="none"))  # and every M-th beyond the last K
+    keep_state: int = op(1, Range(ge=1, zero="keep all"))  # keep train state of the last K rounds
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"  # default task for rows whose data_source names none: arith | math
+
+
+@dataclass
+class PolicyConfig:
+    path: str = "data/policies/arith-tiny"  # the base policy (HF folder), copied to policy-000
+    # the dtype train-step writes policy-R in: float32 keeps every update (an lr-1e-6 step is below
+    # bfloat16's resolution and would be rounded away; engines still compute in generate.dtype)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "arith"  # "arith" (built-in), a .jsonl/.parquet file, a folder, or hf:<dataset id>
+    split: str = "train"  # split to read from a dataset folder / hub dataset
+    eval_sources: list[str] = field(default_factory=list)  # ["name=path", ...] for non-arith tasks
+    shard_rows: int = key(1024, Range(ge=1, le=10_000_000))
+    seed: int = key(1234, SEED)  # data seed (built-in task): fixed apart from run.seed so arms share prompts
+    # built-in arithmetic task (operand counts: 2 .. 32, the longest chain still fits a short context)
+    train_size: int = key(4096, Range(ge=1, le=10_000_000))
+    eval_size: int = key(1000, Range(ge=1, le=10_000_000))
+    ood_size: int = key(500, Range(ge=1, le=10_000_000))
+    min_operands: int = key(3, Range(ge=2, le=32))
+    max_operands: int = key(6, Range(ge=2, le=32))
+    ood_min_operands: int = key(7, Range(ge=2, le=32))
+    ood_max_operands: int = key(8, Range(ge=2, le=32))
+
+
+@dataclass
+class GenerateConfig:
+    backend: str = "hf"  # hf | vllm | auto
+    # one round's batch: prompts × n rows, at most 1,000,000 (checked with the pair)
+    prompts_per_round: int = key(32, Range(ge=1, le=100_000))
+    prompts_per_shard: int = key(32, Range(ge=1, le=100_000))
+    n: int = key(8, Range(ge=1, le=1024))
+    # RL sampling: train-step recomputes old log-probs as softmax(logits / temperature), so the
+    # distribution sampled from must be exactly that: temperature > 0, top_p = 1, top_k = 0
+    temperature: float = key(1.0, Range(gt=0, le=10))
+    top_p: float = key(1.0, Range(gt=0, le=1))
+    top_k: int = key(0, Range(ge=1, zero="off"))
+    max_tokens: int = key(64, Range(ge=1, le=1_048_576))
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = op(256, Range(ge=1, le=1_000_000))  # sequences per hf generate call
+    dtype: str = "float32"
+    tensor_parallel_size: int = op(1, Range(ge=1, le=1024))
+    gpu_memory_utilization: float = op(0.5, Range(gt=0, le=1))
+    max_model_len: int = key(0, Range(ge=1, le=16_777_216, zero="the model's own limit"))
+
+
+@dataclass
+class VerifyConfig:
+    workers: int = op(2, Range(ge=1, le=256))
+    timeout: float = key(5.0, Range(gt=0, le=3600))  # seconds per item, enforced from outside the worker
+    format_reward: float = key(0.0, Range(ge=-1, le=1))  # reward given when \boxed{} is missing (off: 0)
+    truncation_penalty: float = key(0.0, Range(ge=0, le=1))  # subtracted when finish_reason == "length"
+
+
+@dataclass
+class PrmConfig:
+    backend: str = "rule"  # rule | hf | vllm
+    path: str = ""  # PRM folder for hf / vllm
+    convention: str = "qwen"  # qwen (<extra_0> + 2-class head) | shepherd (step tag, +/- tokens)
+    score: str = "failed"  # failed | all
+    noise: float = key(0.0, PROB)  # probability per row of missing or shifting the first error
+    batch_size: int = op(32, Range(ge=1, le=1_000_000))
+    batch_tokens: int = op(65536, Range(ge=1, le=1 << 40))  # hf: at most this many (padded) tokens per pass
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = op("auto")  # auto | cpu | cuda | cuda:N
+    step_tag: str = "ки"  # shepherd convention: the tag after each step
+    good_token: str = "+"  # shepherd convention: the "step is right" token
+    bad_token: str = "-"  # shepherd convention: the "step is wrong" token
+
+
+@dataclass
+class LocateConfig:
+    method: str = "threshold"  # threshold | argmin
+    threshold: float = key(0.5, PROB)
+    min_prefix_steps: int = key(1, Range(ge=0, le=1_000_000))
+    max_per_group: int = key(2, Range(ge=0, le=1_000_000))
+    salvage_disagreement: bool = False  # salvage failed rows where the PRM finds no wrong step
+
+
+@dataclass
+class RectifyConfig:
+    mode: str = "replace"  # replace | augment
+    guide: str = "oracle"  # oracle | model
+    guide_path: str = "data/policies/arith-guide"
+    guide_sees_reference: bool = False
+    guide_temperature: float = key(1.0, Range(gt=0, le=10))
+    max_tries: int = key(4, Range(ge=1, le=1000))
+    max_tokens: int = key(64, Range(ge=1, le=1_048_576))
+    guide_tensor_parallel_size: int = op(1, Range(ge=1, le=1024))  # vllm: GPUs per model-guide engine
+
+
+@dataclass
+class TrainConfig:
+    # measured on the embedded task: 1e-3 collapses within 10 rounds, 1e-4 and 3e-4 improve
+    lr: float = key(1e-4, Range(gt=0, le=1))
+    weight_decay: float = key(0.0, Range(ge=0, le=1))
+    betas: list[float] = key(default_factory=lambda: [0.9, 0.999], rng=Range(ge=0, lt=1))  # Adam's two
+    warmup_updates: int = key(0, Range(ge=0, le=1 << 40))
+    # 0: constant LR after warm-up; >0: cosine decay to lr_min over this many
+    total_updates: int = key(0, Range(ge=0, le=1 << 40))
+    lr_min: float = key(0.0, Range(ge=0, le=1))  # at most lr
+    minibatches: int = key(4, Range(ge=1, le=100_000))
+    ppo_epochs: int = key(1, Range(ge=1, le=1000))
+    clip_low: float = key(0.2, Range(ge=0, lt=1))
+    clip_high: float = key(0.28, Range(ge=0, le=100))
+    offpolicy_loss: str = "shaped"  # shaped | nll
+    offpolicy_gamma: float = key(0.1, Range(gt=0, le=1000))
+    advantage: str = "grpo"  # grpo | drgrpo (no std) | grpo_split (stats over policy rows)
+    adv_eps: float = key(1e-6, Range(gt=0, le=1))
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = key(0.0, Range(ge=0, le=1000))
+    # the gradient's global norm is clipped to this; 0 means no clipping (as in TRL, verl, torch)
+    grad_clip: float = key(1.0, Range(gt=0, le=1e6, zero="no clipping"))
+    drop_unverified: bool = False
+    tis_cap: float = key(0.0, Range(ge=1, le=1e6, zero="off"))  # truncated importance correction cap
+    # rows × longest row per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
+    micro_batch_tokens: int = op(0, Range(ge=1, le=1 << 40, zero="auto"))
+    # CPU threads for training (0: torch's default); 1 is fastest for tiny models
+    threads: int = op(1, Range(ge=1, le=4096, zero="torch's default"))
+    fsdp: bool = False
+    activation_checkpointing: bool = False
+    mixed_precision: str = "bf16"  # for FSDP on GPU
+
+
+@dataclass
+class SftConfig:
+    steps: int = key(3000, Range(ge=1, le=100_000_000))
+    batch_size: int = key(64, Range(ge=1, le=1_000_000))
+    lr: float = key(3e-3, Range(gt=0, le=1))
+    target_accuracy: float = key(0.40, PROB)
+    eval_every: int = key(25, Range(ge=1, le=100_000_000))
+    dense_from: float = key(0.25, PROB)  # evaluate every step once accuracy reaches this fraction of the target
+    monitor_size: int = key(200, Range(ge=1, le=1_000_000))
+    seed: int = key(0, SEED)  # model init, problem draws and solution orders
+    # distinct training problems (the run's held-out eval problems excluded)
+    train_size: int = key(20000, Range(ge=1, le=10_000_000))
+    min_operands: int = key(3, Range(ge=2, le=32))
+    max_operands: int = key(6, Range(ge=2, le=32))
+    warmup_steps: int = key(50, Range(ge=0, le=100_000_000))
+    max_new_tokens: int = key(64, Range(ge=1, le=1_048_576))  # greedy decoding on the monitor set
+    # tiny model shape
+    hidden_size: int = key(64, Range(ge=1, le=65536))
+    layers: int = key(4, Range(ge=1, le=1024))
+    heads: int = key(4, Range(ge=1, le=1024))
+    intermediate_size: int = key(256, Range(ge=1, le=1 << 20))
+
+
+@dataclass
+class EvalConfig:
+    # evaluate policy-R when R % every == 0 (round 0, the base, and the last round always)
+    every: int = key(5, Range(ge=1, le=1_000_000))
+    sets: list[str] = field(default_factory=list)  # empty: every set in eval-sets/
+    greedy: bool = True
+    # samples per prompt at `temperature` (top_p / top_k / stop from [generate])
+    n_samples: int = key(16, Range(ge=1, le=4096))
+    temperature: float = key(1.0, Range(gt=0, le=10))  # keep equal to generate.temperature: sampled metrics at the training T
+    max_tokens: int = key(64, Range(ge=1, le=1_048_576))
+    limit: int = key(0, Range(ge=1, le=100_000_000, zero="whole set"))  # else its first `limit` prompts
+    # sampled metrics (n_samples each) on the first K prompts of a set
+    sampled_limit: int = key(200, Range(ge=1, le=100_000_000, zero="all"))
+    # pass@k and maj@k for k <= n_samples
+    ks: list[int] = key(default_factory=lambda: [1, 4, 8], rng=Range(ge=1, le=4096))
+
+
+@dataclass
+class RoundConfig:
+    isolate: str = op("auto")  # auto | on | off: run each stage as a subprocess
+    # isolated rounds: train-step runs under `torchrun --standalone --nproc-per-node N` when N > 1
+    # (DDP, or FSDP2 with train.fsdp, over one node's GPUs); 1: one plain process
+    train_procs: int = op(1, Range(ge=1, le=1024))
