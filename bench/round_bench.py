@@ -162,13 +162,12 @@ def loop_worker(root: Path, sets: list[str]) -> None:
     from stages.locate_error import locate_table
     from stages.prm_score import score_table
     from stages.rectify import rectify_rows, row_verifier
-    from stages.train_step import build_batch, check_sampling, fixed_logprobs, micro_batch_tokens, update
+    from stages.train_step import build_batch, fixed_logprobs, micro_batch_tokens, update
     from stages.verify import verify_table
 
     run = open_bench_run(root, sets)  # only for the prompt table and each round's slice
     cfg = run.config
     g, t = cfg.generate, cfg.train
-    check_sampling(cfg)
     prompts = {row["prompt_id"]: row for row in read_stage(run.prompts_dir).to_pylist()}
     model, tok = load_policy(run.policy_dir(0))
     engine = HFBackend(run.policy_dir(0), batch_size=g.batch_size)
