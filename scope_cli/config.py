@@ -161,11 +161,23 @@ class TrainConfig:
     grad_clip: float = 1.0
     drop_unverified: bool = False
     tis_cap: float = 0.0  # truncated importance correction with the engine's logprobs (0: off)
-    micro_batch_tokens: int = op(0)  # rows × longest row per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
+    micro_batch_tokens: int = op(0)  # rows × longest row (packed: tokens) per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
     threads: int = op(1)  # CPU threads for training (0: torch's default); 1 is fastest for tiny models
     fsdp: bool = False
     activation_checkpointing: bool = False
-    mixed_precision: str = "bf16"  # for FSDP on GPU
+    # auto | bf16 | fp32: the compute dtype of train-step (FSDP on GPU: its MixedPrecisionPolicy, else
+    # torch.autocast); weights, gradients and Adam moments stay float32. auto: bf16 with CUDA, fp32 on
+    # CPU (as every CPU result so far)
+    mixed_precision: str = "auto"
+    # auto | on | off: pack a micro-batch's rows into one sequence (position ids restart per row, so
+    # attention stays within a row; no padding) instead of right-padded length buckets. auto: on with
+    # CUDA, off on CPU (the same bytes as before on CPU; packing changes float rounding only)
+    packing: str = op("auto")
+    # auto | on | off: log-probs from the last hidden states in chunks of response tokens (lm_head,
+    # log-softmax and the loss's gradient one chunk at a time), never a [tokens × vocabulary] tensor.
+    # auto: on with CUDA, off on CPU (same values within float rounding, not the same bytes)
+    logprob_chunks: str = op("auto")
+    logprob_chunk_tokens: int = op(256)  # response tokens per chunk: ~2 × this × vocabulary float32 at once
 
 
 @dataclass
@@ -257,14 +269,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.offpolicy_loss": ("shaped", "nll"),
     "train.advantage": ("grpo", "drgrpo", "grpo_split"),
     "train.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "train.mixed_precision": ("bf16", "fp32"),
+    "train.mixed_precision": ("auto", "bf16", "fp32"),
+    "train.packing": ("auto", "on", "off"),
+    "train.logprob_chunks": ("auto", "on", "off"),
     "round.isolate": ("auto", "on", "off"),
 }
 
 POSITIVE: tuple[str, ...] = (
     "generate.n", "generate.prompts_per_round", "generate.prompts_per_shard", "generate.max_tokens",
     "generate.batch_size", "verify.workers", "verify.timeout", "prepare.shard_rows",
-    "train.minibatches", "train.ppo_epochs", "eval.every", "eval.n_samples", "eval.max_tokens",
+    "train.minibatches", "train.ppo_epochs", "train.logprob_chunk_tokens", "eval.every", "eval.n_samples",
+    "eval.max_tokens",
     "rectify.max_tries", "rectify.max_tokens", "rectify.guide_tensor_parallel_size", "prm.batch_tokens",
     "sft.steps", "sft.batch_size", "sft.eval_every", "round.train_procs",
 )
