@@ -177,7 +177,9 @@ class TrainConfig:
     # log-softmax and the loss's gradient one chunk at a time), never a [tokens × vocabulary] tensor.
     # auto: on with CUDA, off on CPU (same values within float rounding, not the same bytes)
     logprob_chunks: str = op("auto")
-    logprob_chunk_tokens: int = op(256)  # response tokens per chunk: ~2 × this × vocabulary float32 at once
+    # response tokens per chunk (~3 × this × vocabulary floats at once); 0: 2048 with CUDA (fewer
+    # chunks: each adds the lm_head gradient, vocabulary × hidden, into its float32 sum), 256 on CPU
+    logprob_chunk_tokens: int = op(0)
 
 
 @dataclass
@@ -278,8 +280,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE: tuple[str, ...] = (
     "generate.n", "generate.prompts_per_round", "generate.prompts_per_shard", "generate.max_tokens",
     "generate.batch_size", "verify.workers", "verify.timeout", "prepare.shard_rows",
-    "train.minibatches", "train.ppo_epochs", "train.logprob_chunk_tokens", "eval.every", "eval.n_samples",
-    "eval.max_tokens",
+    "train.minibatches", "train.ppo_epochs", "eval.every", "eval.n_samples", "eval.max_tokens",
     "rectify.max_tries", "rectify.max_tokens", "rectify.guide_tensor_parallel_size", "prm.batch_tokens",
     "sft.steps", "sft.batch_size", "sft.eval_every", "round.train_procs",
 )

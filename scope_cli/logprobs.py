@@ -218,10 +218,14 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, in place where the dtypes agree (float32: no [V, H] temporary)."""
+    """acc += a @ b in place, acc float32: no [V, H] temporary. bf16 operands on CUDA: one cuBLAS GEMM
+    with float32 output accumulating into acc (addmm's out_dtype); elsewhere the product in the
+    operands' dtype (as autocast's weight gradients), then added."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:  # bf16 operands: the product in bf16 (as autocast's weight gradients), summed in float32
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
         acc += a @ b
 
 

@@ -88,8 +88,8 @@ def resolve_mode(cfg: Config, d: Dist, model) -> Mode:
         chunks = False
     # FSDP2 on a GPU computes in bf16 through its MixedPrecisionPolicy (training.wrap_model)
     autocast = bf16 and not (is_fsdp(model) and cuda)
-    return Mode(autocast=autocast, packed=_choice(t.packing, cuda),
-                chunk=t.logprob_chunk_tokens if chunks else 0)
+    chunk = t.logprob_chunk_tokens or (2048 if cuda else 256)
+    return Mode(autocast=autocast, packed=_choice(t.packing, cuda), chunk=chunk if chunks else 0)
 
 
 def micro_batch_tokens(cfg: Config, d: Dist) -> int:

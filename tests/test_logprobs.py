@@ -159,7 +159,9 @@ def test_auto_keeps_the_cpu_path_and_turns_everything_on_with_cuda(model):
     cfg = Config()
     assert resolve_mode(cfg, Dist(), model) == Mode()  # fp32, padded, whole logits: earlier CPU bytes
     cuda = resolve_mode(cfg, Dist(device=torch.device("cuda")), model)
-    assert cuda == Mode(autocast=True, packed=True, chunk=cfg.train.logprob_chunk_tokens)
+    assert cuda == Mode(autocast=True, packed=True, chunk=2048)  # logprob_chunk_tokens 0: 2048 on GPU
     for key in ("mixed_precision", "packing", "logprob_chunks"):
         setattr(cfg.train, key, "bf16" if key == "mixed_precision" else "on")
-    assert resolve_mode(cfg, Dist(), model) == cuda
+    assert resolve_mode(cfg, Dist(), model) == Mode(autocast=True, packed=True, chunk=256)
+    cfg.train.logprob_chunk_tokens = 64
+    assert resolve_mode(cfg, Dist(), model).chunk == 64
