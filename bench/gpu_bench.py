@@ -11,15 +11,15 @@ half on-policy, half off-policy), one optimizer update through the stage's own `
 (PPO-clip + shaped off-policy loss, token-mean, micro-batches of train.micro_batch_tokens = 16384).
 
 Variants, each on a fresh model (bf16 compute under autocast on a GPU; fp32 on a CPU):
-- `whole, padded`: the whole [tokens × vocabulary] logits over length buckets: train-step's path
+- `whole-padded`: the whole [tokens × vocabulary] logits over length buckets: train-step's path
   before chunked log-probs and packing (equal-length rows: no padding here);
-- `chunked, padded`: chunked log-probs (2048 response tokens per chunk, train.logprob_chunk_tokens'
+- `chunked-padded`: chunked log-probs (2048 response tokens per chunk, train.logprob_chunk_tokens'
   CUDA default), length buckets; sdpa runs its
   plain causal kernel;
-- `chunked, packed, sdpa`: the CUDA default (train.packing = auto): rows packed into one sequence,
+- `chunked-packed-sdpa`: the CUDA default (train.packing = auto): rows packed into one sequence,
   sdpa with the block-causal mask transformers builds from the position ids (a dense mask: the
   kernel computes the whole square of a micro-batch);
-- `chunked, packed, flex`: the same with flex_attention (block-sparse: computes only the blocks the
+- `chunked-packed-flex`: the same with flex_attention (block-sparse: computes only the blocks the
   mask keeps; torch.compile'd by transformers on first use).
 A variant that fails (out of memory, a kernel missing) is reported with its error; the others run.
 
@@ -54,7 +54,7 @@ SHAPES = {  # Qwen2.5 model cards' config.json values
                   num_key_value_heads=1),
 }
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-VARIANTS = ("whole, padded", "chunked, padded", "chunked, packed, sdpa", "chunked, packed, flex")
+VARIANTS = ("whole-padded", "chunked-padded", "chunked-packed-sdpa", "chunked-packed-flex")
 
 
 def qwen_config(shape: str):
@@ -113,7 +113,7 @@ def bench_variant(shape: str, variant: str, device, rows, steps: int) -> dict:
     cfg.generate.max_tokens = max(len(r.response) for r in rows)
     autocast = device.type == "cuda"  # bf16 (train.mixed_precision = auto); fp32 on a CPU
     chunk = (2048 if device.type == "cuda" else 256) if variant.startswith("chunked") else 0
-    mode = Mode(autocast=autocast, packed="packed" in variant, chunk=chunk)
+    mode = Mode(autocast=autocast, packed="-packed" in variant, chunk=chunk)
     config = qwen_config(shape)
     torch.manual_seed(0)
     with torch.device(device):
@@ -197,7 +197,7 @@ def main() -> None:
         rows = make_rows(args.rows, args.row_tokens, args.prompt, qwen_config(shape).vocab_size)
         for variant in variants:
             r = bench_variant(shape, variant, device, rows, args.steps)
-            name = f"{shape} ({r['params'] / 1e6:.0f}M)"
+            name = f"{shape} ({r['params'] / 1e6:.1f}M)"
             if "error" in r:
                 lines.append(f"| {name} | {variant} | failed: {r['error']} | | | |")
             else:
@@ -207,8 +207,9 @@ def main() -> None:
     if not args.no_generate:
         gen = (64, 128) if not args.small else (4, 16)
         tps = bench_generate(device, *gen, "0.5b" if not args.small else "small")
+        dtype = "bf16" if device.type == "cuda" else "fp32"
         lines.append(f"| {'0.5b' if not args.small else 'small'} | hf generate, {gen[0]} prompts × {gen[1]} "
-                     f"tokens, T=1, bf16 | | {tps:,.0f} | | |")
+                     f"tokens, T=1, {dtype} | | {tps:,.0f} | | |")
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     table = "\n".join([*lines, "", f"device: {dev}; torch {torch.__version__}; {args.rows} rows × "
                        f"{args.row_tokens} tokens ({args.prompt} prompt) per update; peak bf16 "

@@ -284,7 +284,7 @@ def test_sft_excludes_exactly_the_prepared_eval_sets():
     (["train.advantage=drgrpo", "train.aggregation=seq-mean-token-sum-norm", "train.offpolicy_loss=nll"], 4),
     (["train.kl_coef=0.1", "train.tis_cap=2.0", "train.minibatches=2", "train.ppo_epochs=2"], 4),
     (["train.activation_checkpointing=true", "train.micro_batch_tokens=64", "rectify.mode=augment"], 4),
-    (["train.packing=on", "train.logprob_chunks=on", "train.logprob_chunk_tokens=5", "train.kl_coef=0.1",
+    (["train.packing=on", "train.logprob_chunks=on", "train.logprob_chunk_tokens=5", "train.kl_coef=0.05",
       "train.tis_cap=2.0", "train.micro_batch_tokens=64", "train.activation_checkpointing=true"], 4),
 ], ids=["grpo_split", "drgrpo-nll", "kl-tis-epochs", "checkpointing-micro", "packed-chunked-kl-tis"])
 def test_options_train_a_round(tmp_path, overrides, updates):
