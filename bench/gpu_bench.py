@@ -86,7 +86,7 @@ def model_flops(config, n_params: int, lengths: list[int]) -> float:
 
 
 def make_rows(n_rows: int, row_tokens: int, prompt: int, vocab: int):
-    from stages.train_step import Row
+    from scope_cli.train_batch import Row
 
     rng = np.random.default_rng(0)
     resp = row_tokens - prompt
@@ -167,7 +167,8 @@ def bench_generate(device, prompts_n: int, new_tokens: int, shape: str) -> float
         backend.generate(prompts[:4], list(range(4)), Sampling(temperature=1.0, max_tokens=4))
         sync(device)
         start = time.perf_counter()
-        outs = backend.generate(prompts, list(range(prompts_n)), Sampling(temperature=1.0, max_tokens=new_tokens))
+        sampling = Sampling(temperature=1.0, max_tokens=new_tokens)
+        outs = backend.generate(prompts, list(range(prompts_n)), sampling)
         sync(device)
         return sum(len(o.response_ids) for o in outs) / (time.perf_counter() - start)
 

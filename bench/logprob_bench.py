@@ -14,13 +14,13 @@ Sides, each (side, N) in its own child process, one at a time, one torch thread,
 space capped at --cap-gib (RLIMIT_AS; the machine is shared): `before` is train.logprob_chunks = off
 (the whole [N, V] logits, then a gathered copy, a float32 log-softmax and their gradients: train-step's
 path before chunking, still the CPU default); `after` is train.logprob_chunks = on (chunks of 256
-tokens, the CPU value of train.logprob_chunk_tokens = 0) with packing on (the GPU default's switches). In each child, after a warm-up update on a short row (Adam's moments exist from
-then on): the old-log-prob pass (`fixed_logprobs`, no gradient) and then one optimizer update
-(`update`), each with Linux's peak-RSS counter reset before it (/proc/self/clear_refs). Reported per
-pass: peak RSS above the RSS before it (the pass's own memory: logits, activations, gradients), and
-response tokens per CPU-second (process CPU time, which other users of a shared machine move less
-than wall time; wall time is printed too). A child that hits the cap is reported as such. Prints a
-markdown table; asserts nothing.
+tokens, the CPU value of train.logprob_chunk_tokens = 0) with packing on. In each child, after a
+warm-up update on a short row (Adam's moments exist from then on): the old-log-prob pass
+(`fixed_logprobs`, no gradient) and then one optimizer update (`update`), each with Linux's peak-RSS
+counter reset before it (/proc/self/clear_refs). Reported per pass: peak RSS above the RSS before it
+(the pass's own memory: logits, activations, gradients), and response tokens per CPU-second (process
+CPU time, which other users of a shared machine move less than wall time; wall time is printed too).
+A child that hits the cap is reported as such. Prints a markdown table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def worker(side: str, tokens: int, cap_gib: float) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from scope_cli.config import Config
+    from scope_cli.train_batch import Row
     from scope_cli.train_update import Mode, fixed_logprobs, update
-    from stages.train_step import Row
     from scope_cli.training import Dist, make_optimizer
 
     torch.set_num_threads(1)
@@ -111,7 +111,7 @@ def worker(side: str, tokens: int, cap_gib: float) -> dict:
     try:
         out["logprobs"] = measure(lambda: fixed_logprobs(model, rows, d, 1.0, 0, 16384, mode))
         out["update"] = measure(lambda: update(model, opt, rows, d, cfg, 0, 1e-6, mode))
-    except (RuntimeError, MemoryError) as exc:  # the allocator refused: over the cap
+    except (RuntimeError, MemoryError):  # the allocator refused: over the cap
         out["error"] = f"over the {cap_gib:g} GiB cap"
     return out
 
@@ -138,7 +138,8 @@ def report(results: list[dict], cap_gib: float) -> str:
             "update: peak above", "tokens/CPU-s", "wall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        lines.append("| " + " | ".join([r["side"], f"{r['tokens']:,}", *fmt(r, "logprobs"), *fmt(r, "update")]) + " |")
+        cells = [r["side"], f"{r['tokens']:,}", *fmt(r, "logprobs"), *fmt(r, "update")]
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     ratios = []
     by = {(r["side"], r["tokens"]): r for r in results}
@@ -149,12 +150,14 @@ def report(results: list[dict], cap_gib: float) -> str:
         parts = []
         for part, label in (("logprobs", "log-prob pass"), ("update", "update")):
             if part in a and part in b:
-                parts.append(f"{label}: memory {b[part]['peak_above_mib'] / a[part]['peak_above_mib']:.1f}x lower, "
-                             f"tokens/CPU-s after/before {b[part]['cpu_s'] / a[part]['cpu_s']:.2f}")
+                memory = b[part]["peak_above_mib"] / a[part]["peak_above_mib"]
+                speed = b[part]["cpu_s"] / a[part]["cpu_s"]
+                parts.append(f"{label}: memory {memory:.1f}x lower, tokens/CPU-s after/before {speed:.2f}")
         ratios.append(f"- {n:,} tokens: " + "; ".join(parts))
     params = next((r["params_m"] for r in results if "params_m" in r), float("nan"))
-    return (f"Qwen2 shape, vocabulary {VOCAB:,}, 2 layers of hidden 256 ({params:.1f}M parameters), one row of "
-            f"{PROMPT} prompt + N response tokens, one torch thread, each child capped at {cap_gib:g} GiB.\n\n"
+    return (f"Qwen2 shape, vocabulary {VOCAB:,}, 2 layers of hidden 256 ({params:.1f}M parameters), one "
+            f"row of {PROMPT} prompt + N response tokens, one torch thread, each child capped at "
+            f"{cap_gib:g} GiB.\n\n"
             + text + ("\n\n" + "\n".join(ratios) if ratios else ""))
 
 

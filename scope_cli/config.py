@@ -161,7 +161,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     drop_unverified: bool = False
     tis_cap: float = 0.0  # truncated importance correction with the engine's logprobs (0: off)
-    micro_batch_tokens: int = op(0)  # rows × longest row (packed: tokens) per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
+    # rows × longest row (packed: total tokens) per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
+    micro_batch_tokens: int = op(0)
     threads: int = op(1)  # CPU threads for training (0: torch's default); 1 is fastest for tiny models
     fsdp: bool = False
     activation_checkpointing: bool = False

@@ -170,7 +170,8 @@ class _FusedLoss(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=dev)
         ent = torch.empty_like(logp)
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if ctx.needs_input_grad[1] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+                  if ctx.needs_input_grad[1] else None)
         grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=dev)
                   if bias is not None and ctx.needs_input_grad[2] else None)
         total = torch.zeros((), dtype=torch.float32, device=dev)
@@ -217,16 +218,23 @@ class _FusedLoss(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
+_GEMM_INTO_FP32 = [True]  # addmm with out_dtype works here (cleared on the first failure)
+
+
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b in place, acc float32: no [V, H] temporary. bf16 operands on CUDA: one cuBLAS GEMM
-    with float32 output accumulating into acc (addmm's out_dtype); elsewhere the product in the
-    operands' dtype (as autocast's weight gradients), then added."""
+    with float32 output accumulating into acc (addmm's out_dtype); elsewhere, or where that kernel is
+    missing, the product in the operands' dtype (as autocast's weight gradients), then added."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += a @ b
+        return
+    if acc.is_cuda and _GEMM_INTO_FP32[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _GEMM_INTO_FP32[0] = False
+    acc += a @ b
 
 
 # ---- through the model's forward ---------------------------------------------------------------------

@@ -67,14 +67,8 @@ from scope_cli.shards import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from scope_cli.train_batch import NEEDED, Row, build_batch, trained_tokens, with_eos  # noqa: F401
-from scope_cli.train_update import (  # noqa: F401 (names of the stage's parts, used by bench/)
-    Mode,
-    fixed_logprobs,
-    micro_batch_tokens,
-    resolve_mode,
-    update,
-)
+from scope_cli.train_batch import NEEDED, build_batch
+from scope_cli.train_update import fixed_logprobs, micro_batch_tokens, resolve_mode, update
 from scope_cli.training import (
     TrainError,
     close_dist,

@@ -340,7 +340,7 @@ def test_done_round_stays_done_after_pruning_but_not_after_new_input(round1, tmp
     ],
 )
 def test_with_eos(response, finish, text, stop, expected):
-    from stages.train_step import with_eos
+    from scope_cli.train_batch import with_eos
 
     assert with_eos(response, finish, text, 2, stop) == expected
 
@@ -357,7 +357,7 @@ def test_with_eos(response, finish, text, stop, expected):
     ],
 )
 def test_trained_tokens(response, finish, text, stop_id, expected):
-    from stages.train_step import trained_tokens
+    from scope_cli.train_batch import trained_tokens
 
     assert trained_tokens(response, finish, text, stop_id, 2, [";;"]) == expected
 
@@ -368,7 +368,7 @@ def test_batch_trains_the_sampled_eos_and_old_runs_keep_the_tokenizers(table, tm
     import pyarrow.parquet as pq
 
     from scope_cli.shards import read_stage
-    from stages.train_step import NEEDED
+    from scope_cli.train_batch import NEEDED
 
     run, rows = table
     eos = load_policy(run.policy_dir(0))[1].eos_token_id
