@@ -109,7 +109,7 @@ def padded_update(model, opt, rows, cfg, pad: int, lr: float) -> float:
     for group in opt.param_groups:
         group["lr"] = lr
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss)

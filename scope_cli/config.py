@@ -91,7 +91,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.offpolicy_loss": ("shaped", "nll"),
     "train.advantage": ("grpo", "drgrpo", "grpo_split"),
     "train.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "train.mixed_precision": ("bf16", "fp32"),
+    "train.mixed_precision": ("auto", "bf16", "fp32"),
+    "train.packing": ("auto", "on", "off"),
+    "train.logprob_chunks": ("auto", "on", "off"),
     "round.isolate": ("auto", "on", "off"),
 }
 

@@ -148,13 +148,27 @@ class TrainConfig:
     grad_clip: float = key(1.0, Range(gt=0, le=1e6, zero="no clipping"))
     drop_unverified: bool = False
     tis_cap: float = key(0.0, Range(ge=1, le=1e6, zero="off"))  # truncated importance correction cap
-    # rows × longest row per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
+    # rows × longest row (packed: total tokens) per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
     micro_batch_tokens: int = op(0, Range(ge=1, le=1 << 40, zero="auto"))
     # CPU threads for training (0: torch's default); 1 is fastest for tiny models
     threads: int = op(1, Range(ge=1, le=4096, zero="torch's default"))
     fsdp: bool = False
     activation_checkpointing: bool = False
-    mixed_precision: str = "bf16"  # for FSDP on GPU
+    # auto | bf16 | fp32: the compute dtype of train-step (FSDP on GPU: its MixedPrecisionPolicy, else
+    # torch.autocast); weights, gradients and Adam moments stay float32. auto: bf16 with CUDA, fp32 on
+    # CPU (as every CPU result so far)
+    mixed_precision: str = "auto"
+    # auto | on | off: pack a micro-batch's rows into one sequence (position ids restart per row, so
+    # attention stays within a row; no padding) instead of right-padded length buckets. auto: on with
+    # CUDA, off on CPU (the same bytes as before on CPU; packing changes float rounding only)
+    packing: str = op("auto")
+    # auto | on | off: log-probs from the last hidden states in chunks of response tokens (lm_head,
+    # log-softmax and the loss's gradient one chunk at a time), never a [tokens × vocabulary] tensor.
+    # auto: on with CUDA, off on CPU (same values within float rounding, not the same bytes)
+    logprob_chunks: str = op("auto")
+    # response tokens per chunk (~3 × this × vocabulary floats at once); 0: 2048 with CUDA (fewer
+    # chunks: each adds the lm_head gradient, vocabulary × hidden, into its float32 sum), 256 on CPU
+    logprob_chunk_tokens: int = op(0, Range(ge=1, le=1 << 30, zero="auto"))
 
 
 @dataclass

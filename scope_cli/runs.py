@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scope_cli.config import Config, ConfigError, differing_keys, from_dict, load_config, read_toml, to_toml
 from scope_cli.errors import ScopeError
@@ -50,6 +50,19 @@ def run_root(run: str, runs_dir: str | Path = "runs") -> Path:
     return Path(runs_dir) / run
 
 
+def read_stored_config(path: Path) -> dict[str, Any]:
+    """A run's config.toml as a dict, read as its code meant it. A run created before
+    train.mixed_precision had `auto` stored the then default "bf16", which applied only to FSDP on a
+    GPU (CPU runs computed in fp32): it reads as auto, which computes the same on CPU and under FSDP
+    on a GPU. Such a file is recognised by its [train] section lacking `packing` (added at the same
+    time; every config written since lists every key)."""
+    data = read_toml(path)
+    train = data.get("train")
+    if isinstance(train, dict) and "packing" not in train and train.get("mixed_precision") == "bf16":
+        train["mixed_precision"] = "auto"
+    return data
+
+
 class Run:
     def __init__(self, root: Path, config: Config):
         self.root = Path(root)
@@ -72,10 +85,11 @@ class Run:
         root = Path(root)
         stored = root / "config.toml"
         if stored.exists():
-            base = from_dict(read_toml(stored), str(stored))
+            base = from_dict(read_stored_config(stored), str(stored))
             if toml_path is None and not overrides:
                 return cls(root, base)
-            wanted = load_config(toml_path, overrides, base=from_dict(read_toml(stored), str(stored)))
+            wanted = load_config(toml_path, overrides,
+                                 base=from_dict(read_stored_config(stored), str(stored)))
             changed = differing_keys(base, wanted)
             if changed and not force:
                 raise ConfigError(

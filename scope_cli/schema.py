@@ -32,6 +32,9 @@ ROLLOUT_COLUMNS = [
     ("response_ids", pa.list_(pa.int32())),
     ("response_logprobs", pa.list_(pa.float32())),  # per token, under the sampled distribution
     ("finish_reason", pa.string()),  # stop | length
+    # the sampled end-of-sequence token (left out of response_ids; train-step trains on it); null when
+    # the row was cut at max_tokens or ended by a stop string, and in runs written before the column
+    ("stop_token_id", pa.int32()),
     ("policy", pa.string()),  # the policy folder's name (policy-NNN)
     ("seed", pa.int64()),  # the row's sampling seed
 ]
@@ -60,6 +63,10 @@ RECTIFY_COLUMNS = [
     ("parent_sample_idx", pa.int32()),
     ("offpolicy_start", pa.int32()),  # token index where guide tokens begin; null for policy rows
 ]
+
+# columns added after runs were written with the schema: a shard without one reads as nulls (conform)
+# rather than failing the column check
+OPTIONAL_COLUMNS = frozenset({"stop_token_id"})
 
 VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
 ORIGINS = ("policy", "rectified", "reference")

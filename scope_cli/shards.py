@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from scope_cli import __version__
 from scope_cli.errors import ScopeError
-from scope_cli.schema import STAGE_OUTPUTS
+from scope_cli.schema import OPTIONAL_COLUMNS, STAGE_OUTPUTS
 
 
 class ShardError(ScopeError):
@@ -231,13 +231,18 @@ def _writer_of(column: str) -> str:
 
 
 def check_columns(table: pa.Table, path: Path, required: pa.Schema) -> None:
-    missing = [f.name for f in required if f.name not in table.column_names]
+    """Every column of `required` present with a castable type; a missing OPTIONAL_COLUMNS column (a
+    shard written before it existed) is allowed."""
+    missing = [f.name for f in required
+               if f.name not in table.column_names and f.name not in OPTIONAL_COLUMNS]
     if missing:
         writers = sorted({_writer_of(c) for c in missing})
         raise ShardError(
             f"{path}: missing columns {', '.join(missing)} (written by {', '.join(writers)})"
         )
     for fld in required:
+        if fld.name not in table.column_names:
+            continue
         got = table.schema.field(fld.name).type
         if got != fld.type and not _castable(got, fld.type):
             raise ShardError(f"{path}: column {fld.name} has type {got}, expected {fld.type}")

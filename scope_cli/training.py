@@ -8,9 +8,10 @@ the process group uses NCCL on GPUs and gloo on CPU. `train.fsdp = true` shards 
 holds for one process under torchrun too (e.g. FSDP2's bf16 mixed precision on one GPU). Without
 torchrun the model runs bare in one process.
 
-Sequences are length-bucketed, not packed: a micro-batch holds rows of similar length, right-padded,
-with no attention mask (causal attention never lets a real token see a pad that follows it), so a
-row's log-probs do not depend on what it is batched with.
+Length buckets (`plan_microbatches`, `response_logits`): a micro-batch holds rows of similar length,
+right-padded, with no attention mask (causal attention never lets a real token see a pad that
+follows it), so a row's log-probs do not depend on what it is batched with. Packed micro-batches and
+chunked log-probs, for long rows and large vocabularies, are in scope_cli/logprobs.py.
 
 State. Weights go to the policy folder (safetensors, via `scope_cli.models.save_policy`); the
 optimizer's full (unsharded) state goes to `state/optimizer.safetensors` with its param groups in the
@@ -94,9 +95,15 @@ def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
 
 
 # ---- wrapping -------------------------------------------------------------------------------------
-def wrap_model(model, d: Dist, *, fsdp: bool, mixed_precision: str = "fp32",
-               activation_checkpointing: bool = False):
-    """DDP, FSDP2 or the bare model (one process). bf16 mixed precision applies to FSDP on GPU."""
+def use_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """train.mixed_precision for a device: bf16 | fp32, or auto (bf16 with CUDA, fp32 on CPU)."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def wrap_model(model, d: Dist, *, fsdp: bool, bf16: bool = False, activation_checkpointing: bool = False):
+    """DDP, FSDP2 or the bare model (one process). With `bf16`, FSDP2 on a GPU keeps bf16 copies of
+    the parameters for compute (MixedPrecisionPolicy, gradients reduced in fp32); everywhere else
+    train-step computes under torch.autocast (scope_cli.train_update.Mode)."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -106,7 +113,7 @@ def wrap_model(model, d: Dist, *, fsdp: bool, mixed_precision: str = "fp32",
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if mixed_precision == "bf16" and d.device.type == "cuda" else MixedPrecisionPolicy())
+              if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy())
         for layer in getattr(getattr(model, "model", None), "layers", []):  # decoder layers
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

@@ -3,9 +3,12 @@
 #
 #   scripts/gpu-check.sh [OUT_DIR]
 #
-# Runs `pytest -m gpu` (train-step on CUDA = CPU, FSDP2 + bf16 on one GPU, hf generation and the hf PRM
-# on CUDA) and bench/gpu_bench.py (train-step tokens/s and MFU on a ~0.5B random Qwen2, hf generate
-# tokens/s), writing logs and a table to OUT_DIR. Packages the machine lacks travel as wheels in .whl/
+# Runs `pytest -m gpu` (train-step on CUDA = CPU in fp32 with packed rows and chunked log-probs, the bf16
+# default and FSDP2 + bf16 on one GPU within 2·lr per update of fp32, hf generation and the hf PRM on
+# CUDA) and bench/gpu_bench.py (MFU, tokens/s and peak memory of an update on Qwen2.5-0.5B's and 1.5B's
+# shapes at 16 rows × 4096 tokens in bf16: whole logits vs chunked, padded vs packed with sdpa or flex
+# attention; hf generate tokens/s), writing logs and a table to OUT_DIR. About 6-10 minutes on an
+# H100/H200 (BENCH_TIMEOUT caps the benchmark, default 420 s). Packages the machine lacks travel as wheels in .whl/
 # (fetch them beforehand: see docs/PERFORMANCE.md). Without CUDA it runs the CPU-safe parts: the gpu
 # tests skip and the benchmark runs a tiny config.
 set -uo pipefail
@@ -29,6 +32,6 @@ $PY -c 'import torch, transformers, sys; print("python", sys.version.split()[0],
 status=0
 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 300 tests/test_gpu.py tests/test_prm.py 2>&1 | tee "$OUT_DIR/pytest.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-$PY bench/gpu_bench.py $SMALL --out "$OUT_DIR/bench.md" 2>&1 | grep -v "Writing model shards" | tee "$OUT_DIR/bench.txt"
+timeout "${BENCH_TIMEOUT:-420}" $PY bench/gpu_bench.py $SMALL --out "$OUT_DIR/bench.md" 2>&1 | grep -v "Writing model shards" | tee "$OUT_DIR/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -10,7 +10,8 @@ sample_idx order. Writes round-R/rollouts/ (schema ROLLOUTS): the prompt's colum
   tokenizer has one) and ``prompt_ids`` (its tokens, special tokens as the tokenizer adds them);
 - ``response_ids`` (exactly the sampled ids, EOS left out), ``response`` (their decode),
   ``response_logprobs`` (each sampled token's log-prob under the distribution sampled from: after
-  temperature, top-k, top-p) and ``finish_reason`` (stop | length);
+  temperature, top-k, top-p), ``finish_reason`` (stop | length) and ``stop_token_id`` (the sampled
+  EOS token that ended the row, which train-step trains on; null for stop strings and truncation);
 - ``policy`` (the policy folder's name) and ``seed`` = row_seed(run.seed, R, prompt_id, sample_idx),
   the row's own randomness: any sharding, worker count or resume gives the same rows.
 
@@ -108,7 +109,7 @@ def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], star
     return [{**prompts[i], "sample_idx": idx, "prompt_text": texts[i], "prompt_ids": encoded[i],
              "response": o.text, "response_ids": o.response_ids,
              "response_logprobs": o.response_logprobs, "finish_reason": o.finish_reason,
-             "policy": policy_name, "seed": s}
+             "stop_token_id": o.stop_token_id, "policy": policy_name, "seed": s}
             for (i, idx), s, o in zip(plan, seeds, outs)]
 
 

@@ -20,7 +20,9 @@ row depends on run.algo:
 
 New rows get ``sample_idx`` = (the group's largest sample_idx + 1 + k) and ``parent_sample_idx``;
 their verify columns are recomputed (the task's answer check, the verify section's reward rules);
-steps/step_token_ends are recomputed on the new tokens, step_scores and first_error_step are null.
+steps/step_token_ends are recomputed on the new tokens, step_scores and first_error_step are null;
+``stop_token_id`` is the policy's EOS for a finished new row (a guide's own EOS, or none for a
+reference, is not the policy's to learn), null for one cut at its length limit.
 A new row joins only when it verifies (correct) and fits the policy's response budget
 (generate.max_tokens tokens, so train-step sees no longer rows than generate writes); else it is
 retried (model guide) or dropped and counted. rectify.mode = replace (the parent gets
@@ -38,6 +40,7 @@ kept_steps_frac_sum.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +64,7 @@ from scope_cli.steps import align_steps, decode, load_policy_tokenizer
 from scope_cli.tasks import get_task
 
 CONFIG_KEYS = ["rectify", "run.algo", "run.seed", "verify", "generate.backend", "generate.dtype",
-               "generate.max_tokens"]
+               "generate.max_tokens", "generate.stop"]
 
 
 class RectifyError(ShardError):
@@ -103,14 +106,19 @@ def guide_tokens(tokenizer: Any, out: GuideOutput) -> list[int]:
 
 
 def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, ids: list[int],
-            offpolicy_start: int, finish_reason: str, tokenizer: Any) -> dict[str, Any]:
+            offpolicy_start: int, finish_reason: str, tokenizer: Any,
+            stop: Sequence[str] = ()) -> dict[str, Any]:
+    """A guide-written row. A finished one ends with the policy's own EOS (stop_token_id), which
+    train-step trains on, unless a stop string (generate.stop) ended it."""
     task = get_task(parent["task"])
     lps = list(parent["response_logprobs"] or [])[:offpolicy_start] if offpolicy_start else []
     al = align_steps(task, tokenizer, ids)
+    ended_by_eos = finish_reason == "stop" and not any(s and al.text.endswith(s) for s in stop)
     return {**parent, "sample_idx": sample_idx, "seed": seed, "response": al.text,
             "response_ids": ids,
             "response_logprobs": lps + [None] * (len(ids) - offpolicy_start),
-            "finish_reason": finish_reason, "steps": al.steps, "step_token_ends": al.step_token_ends,
+            "finish_reason": finish_reason,
+            "stop_token_id": tokenizer.eos_token_id if ended_by_eos else None, "steps": al.steps, "step_token_ends": al.step_token_ends,
             "step_scores": None, "first_error_step": None, "salvage": False, "origin": origin,
             "in_batch": True, "parent_sample_idx": parent["sample_idx"],
             "offpolicy_start": offpolicy_start}
@@ -198,7 +206,8 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
                 ids = list(rows[i]["response_ids"][:cut]) + guide_tokens(tokenizer, out)
                 candidates[i] = new_row(rows[i], origin="rectified", sample_idx=new_idx[i],
                                         seed=seeds[i], ids=ids, offpolicy_start=cut,
-                                        finish_reason=out.finish_reason, tokenizer=tokenizer)
+                                        finish_reason=out.finish_reason, tokenizer=tokenizer,
+                                        stop=cfg.generate.stop)
             pending = admit(candidates)
         counts["dropped"] = len(pending)
         for i, cand in accepted.items():
@@ -216,7 +225,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
             ids = guide_tokens(tokenizer, GuideOutput(reference, "stop"))
             candidates[i] = new_row(rows[i], origin="reference", sample_idx=new_idx[i], seed=seeds[i],
                                     ids=ids, offpolicy_start=0, finish_reason="stop",
-                                    tokenizer=tokenizer)
+                                    tokenizer=tokenizer, stop=cfg.generate.stop)
         counts["dropped"] += len(admit(candidates))
         counts["reference"] = len(accepted)
 

@@ -95,6 +95,35 @@ def test_eos_stop_strings_and_length(hf):
             assert o.response_ids == full.response_ids
 
 
+def test_stop_token_id_is_the_sampled_eos(hf, fitted_policy, tmp_path):
+    """stop_token_id records which eos ended a row (none for a stop string or max_tokens); with two
+    eos ids, a row ends on whichever it samples first."""
+    import json
+    import shutil
+
+    prompts = arith_prompt_ids(hf.tokenizer, 8)
+    eos = hf.tokenizer.eos_token_id
+    outs = hf.generate(prompts, list(range(8)), Sampling(temperature=1.0, max_tokens=48))
+    assert {o.stop_token_id for o in outs if o.finish_reason == "stop"} == {eos}
+    assert all(o.stop_token_id is None for o in outs if o.finish_reason == "length")
+    stopped = hf.generate(prompts, list(range(8)), Sampling(temperature=1.0, max_tokens=48, stop=(";",)))
+    assert all(o.stop_token_id is None for o in stopped if ";" in o.text)
+
+    semi = hf.tokenizer.convert_tokens_to_ids(";")  # a second eos id: arith rows sample it often
+    policy = shutil.copytree(fitted_policy, tmp_path / "two-eos")
+    gen = json.loads((policy / "generation_config.json").read_text())
+    (policy / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eos, semi]}))
+    two = HFBackend(policy).generate(prompts, list(range(8)), Sampling(temperature=1.0, max_tokens=48))
+    assert any(o.stop_token_id == semi for o in two)
+    for o, full in zip(two, outs):  # the same draws, cut at the first of the two
+        if semi in full.response_ids:
+            cut = full.response_ids.index(semi)
+            assert (o.response_ids, o.finish_reason, o.stop_token_id) == (full.response_ids[:cut], "stop", semi)
+        else:
+            assert (o.response_ids, o.finish_reason, o.stop_token_id) == (
+                full.response_ids, full.finish_reason, full.stop_token_id)
+
+
 def test_greedy_ignores_seeds(hf):
     prompts = arith_prompt_ids(hf.tokenizer, 4)
     greedy = Sampling(temperature=0, max_tokens=40)
@@ -160,6 +189,7 @@ def test_generate_then_verify(tmp_path, fitted_policy):
         assert r["policy"] == "policy-000" and r["prompt_text"] == r["problem"] + "\n"
         assert r["prompt_ids"] == tokenizer(r["prompt_text"])["input_ids"]
         assert r["response"] == decode(tokenizer, r["response_ids"])
+        assert r["stop_token_id"] == (tokenizer.eos_token_id if r["finish_reason"] == "stop" else None)
     first = pq.read_table(run.stage_dir(1, "rollouts") / "shard-00000.parquet")
     assert set(first.column("prompt_id").to_pylist()) == set(ids[:2])  # whole prompt groups per shard
 

@@ -48,6 +48,7 @@ def assert_same_rows(a, b, tol=1e-4):
     for x, y in zip(a, b, strict=True):
         assert x.response_ids == y.response_ids
         assert x.finish_reason == y.finish_reason and x.text == y.text
+        assert x.stop_token_id == y.stop_token_id
         assert x.response_logprobs == pytest.approx(y.response_logprobs, abs=tol)
 
 
@@ -58,6 +59,7 @@ def test_greedy_tokens_and_logprobs_match_hf(engine, hf):
         vllm_rows = engine.generate(prompts, list(range(8)), sampling)
         assert_same_rows(vllm_rows, hf.generate(prompts, list(range(8)), sampling))
     assert {o.finish_reason for o in vllm_rows} == {"stop"}
+    assert {o.stop_token_id for o in vllm_rows} == {None}  # ended by the stop string, no eos
 
 
 def test_sampled_logprobs_are_under_the_sampled_distribution(engine, hf):

@@ -1,5 +1,6 @@
-"""GPU checks (marked gpu; `make test` skips them): train-step on CUDA equals CPU, FSDP2 with bf16 on one
-GPU, and hf generation on CUDA equals CPU. Run by scripts/gpu-check.sh on a GPU machine."""
+"""GPU checks (marked gpu; `make test` skips them): train-step on CUDA in fp32 (packed rows, chunked
+log-probs) equals CPU, the CUDA default (bf16 autocast) and FSDP2 with bf16 on one GPU track fp32, and
+hf generation on CUDA equals CPU. Run by scripts/gpu-check.sh on a GPU machine."""
 
 import os
 import shutil
@@ -48,10 +49,24 @@ def copy(template, name, overrides=()):
 
 
 def test_train_step_on_cuda_equals_cpu(template):
+    """fp32 on both; CUDA with its default packing and chunked log-probs, CPU on padded whole logits."""
     cpu = train(copy(template, "cpu"), SCOPE, cuda=False)
-    gpu = train(copy(template, "cuda"), SCOPE, cuda=True)
+    gpu = train(copy(template, "cuda", ["train.mixed_precision=fp32"]), SCOPE, cuda=True)
     for k in cpu:
         torch.testing.assert_close(gpu[k], cpu[k], atol=1e-4, rtol=0)
+
+
+def test_cuda_default_bf16_tracks_fp32(template):
+    """train.mixed_precision=auto on CUDA: bf16 autocast, fp32 master weights (the policy is saved in
+    float32). Adam moves a weight by at most ~lr per update: within 2·lr per update of fp32."""
+    cpu = train(copy(template, "cpu-ref32"), SCOPE, cuda=False)
+    gpu = train(copy(template, "cuda-auto"), SCOPE, cuda=True)
+    updates, lr = 2, 1e-3
+    assert {v.dtype for v in gpu.values()} == {torch.float32}
+    assert any(not torch.equal(gpu[k], cpu[k]) for k in cpu)
+    for k in cpu:
+        diff = (gpu[k] - cpu[k]).abs().max().item()
+        assert diff <= 2 * updates * lr + 1e-4, (k, diff)
 
 
 def test_fsdp2_bf16_on_one_gpu_tracks_fp32(template):

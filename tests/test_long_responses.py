@@ -1,6 +1,7 @@
-"""Long responses (the GPU presets sample up to 8192 tokens): train-step's token-budgeted micro-batches
-and activation checkpointing, and the PRM's token-budgeted batches, give the same result as one big
-batch. A tiny model on CPU with a 2k-token response stands in for the real size."""
+"""Long responses (the GPU presets sample up to 8192 tokens): train-step's token-budgeted micro-batches,
+activation checkpointing, packed rows with chunked log-probs, and the PRM's token-budgeted batches,
+give the same result as one big batch. A tiny model on CPU with a 2k-token response stands in for the
+real size."""
 
 import random
 
@@ -89,11 +90,16 @@ def test_micro_batches_and_checkpointing_do_not_change_a_long_update(tmp_path, l
     split = train_once(tmp_path, "split", long_policy, ["train.micro_batch_tokens=2100"])
     ckpt = train_once(tmp_path, "ckpt", long_policy, ["train.micro_batch_tokens=2100",
                                                       "train.activation_checkpointing=true"])
+    # the GPU path: rows packed without padding, log-probs in chunks of 300 response tokens
+    packed = train_once(tmp_path, "packed", long_policy, ["train.micro_batch_tokens=2100",
+                                                          "train.packing=on", "train.logprob_chunks=on",
+                                                          "train.logprob_chunk_tokens=300"])
     before = load_file(long_policy / "model.safetensors")
     assert any(not torch.equal(before[k], whole[k]) for k in whole)  # the update did something
     # one Adam step at lr 1e-3, summed in another order: see assert_adam_updates_agree
     assert_adam_updates_agree(split, whole, lr=1e-3)
     assert_adam_updates_agree(ckpt, split, lr=1e-3)
+    assert_adam_updates_agree(packed, whole, lr=1e-3)
 
 
 def test_token_batches_respect_both_budgets():

@@ -45,6 +45,7 @@ def test_gpu_presets_follow_the_luffy_settings(name):
     assert g.max_model_len >= g.max_tokens + 1024  # room for the prompt (needs the context edit)
     assert (t.lr, t.clip_low, t.clip_high, t.kl_coef) == (1e-6, 0.2, 0.28, 0.0)
     assert t.fsdp and t.activation_checkpointing and t.mixed_precision == "bf16"
+    assert (t.packing, t.logprob_chunks) == ("on", "on")  # no padding, no [tokens x vocabulary] tensor
     assert g.dtype == "bfloat16" and cfg.prm.dtype == "bfloat16"
     assert cfg.policy.dtype == "float32"  # lr-1e-6 updates survive saving
     assert cfg.round.isolate == "on"

@@ -57,6 +57,8 @@ def check_spliced_rows(df: pl.DataFrame, origin="rectified"):
         assert len(row["response_logprobs"]) == len(row["response_ids"]) > k
         assert row["reward"] == 1.0 and row["correct"] and row["verify_status"] == "ok"
         assert row["in_batch"] and parent["salvage"]
+        # a finished guide-written row ends with the policy's eos, which train-step trains on
+        assert row["finish_reason"] == "stop" and row["stop_token_id"] == build_arith_tokenizer().eos_token_id
         assert arith.first_error_step(row["problem"], row["response"]) is None
         assert row["step_token_ends"][-1] == len(row["response_ids"])
     return new

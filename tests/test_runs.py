@@ -53,3 +53,17 @@ def test_input_policy_needs_a_complete_policy(tmp_path):
     (tmp_path / "r" / "policy-001").mkdir()  # half-written: no marker
     with pytest.raises(RunError, match="policy-001.*last complete policy is policy-000; run round 1"):
         run.input_policy(2)
+
+
+def test_a_run_from_before_mixed_precision_auto_keeps_computing_in_fp32_on_cpu(tmp_path):
+    """A config.toml written before train.packing and the `auto` precision existed stored the then
+    default mixed_precision = "bf16" (used only by FSDP on a GPU): it reads as auto, so the run goes on
+    in fp32 on CPU, unchanged. A config written since (it lists train.packing) keeps bf16 as written."""
+    old = Run.open(tmp_path / "old", None, ["train.mixed_precision=bf16"], create=True)
+    path = old.root / "config.toml"
+    path.write_text("\n".join(line for line in path.read_text().splitlines()
+                              if not line.startswith("packing =")) + "\n")
+    assert Run.open(old.root).config.train.mixed_precision == "auto"
+    assert Run.open(old.root, None, ["run.keep_state=1"]).config.train.mixed_precision == "auto"
+    new = Run.open(tmp_path / "new", None, ["train.mixed_precision=bf16"], create=True)
+    assert Run.open(new.root).config.train.mixed_precision == "bf16"

@@ -40,13 +40,20 @@ def outputs(root):
     return weights, metrics, manifest
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_equal_one(single, fsdp):
-    root = single / ("fsdp" if fsdp else "ddp")
+@pytest.mark.parametrize("fsdp, packed_chunks", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["ddp", "fsdp2", "ddp-packed-chunked", "fsdp2-packed-chunked"])
+def test_two_processes_equal_one(single, fsdp, packed_chunks):
+    """packed-chunked: packed micro-batches and chunked log-probs (the GPU default) under DDP and
+    FSDP2, whose lm_head weight is gathered only inside the model's forward, against one process on
+    the padded whole-logits path."""
+    root = single / (("fsdp" if fsdp else "ddp") + ("-packed" if packed_chunks else ""))
     shutil.copytree(single / "template", root)
     cmd = [*TORCHRUN, "train-step", "--run", str(root), "--round", "1", "--quiet"]
     if fsdp:
         cmd += ["--set", "train.fsdp=true", "--force"]
+    if packed_chunks:
+        cmd += ["--set", "train.packing=on", "--set", "train.logprob_chunks=on",
+                "--set", "train.logprob_chunk_tokens=7"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -285,7 +285,9 @@ def test_sft_excludes_exactly_the_prepared_eval_sets():
     (["train.advantage=drgrpo", "train.aggregation=seq-mean-token-sum-norm", "train.offpolicy_loss=nll"], 4),
     (["train.kl_coef=0.1", "train.tis_cap=2.0", "train.minibatches=2", "train.ppo_epochs=2"], 4),
     (["train.activation_checkpointing=true", "train.micro_batch_tokens=64", "rectify.mode=augment"], 4),
-], ids=["grpo_split", "drgrpo-nll", "kl-tis-epochs", "checkpointing-micro"])
+    (["train.packing=on", "train.logprob_chunks=on", "train.logprob_chunk_tokens=5", "train.kl_coef=0.05",
+      "train.tis_cap=2.0", "train.micro_batch_tokens=64", "train.activation_checkpointing=true"], 4),
+], ids=["grpo_split", "drgrpo-nll", "kl-tis-epochs", "checkpointing-micro", "packed-chunked-kl-tis"])
 def test_options_train_a_round(tmp_path, overrides, updates):
     run = make_run(tmp_path / "run", overrides)
     build_round(run, 1, n_prompts=2)
@@ -339,6 +341,83 @@ def test_done_round_stays_done_after_pruning_but_not_after_new_input(round1, tmp
     ],
 )
 def test_with_eos(response, finish, text, stop, expected):
-    from stages.train_step import with_eos
+    from scope_cli.train_batch import with_eos
 
     assert with_eos(response, finish, text, 2, stop) == expected
+
+
+@pytest.mark.parametrize(
+    "response, finish, text, stop_id, expected",
+    [
+        ([5, 6], "stop", "ab", 7, [5, 6, 7]),  # the sampled eos (not the tokenizer's, 2) is trained
+        ([5, 6], "stop", "ab", 2, [5, 6, 2]),
+        ([5, 6, 7], "stop", "ab", 7, [5, 6, 7]),  # already there: kept once
+        ([5, 6], "length", "ab", None, [5, 6]),  # cut at max_tokens: nothing sampled
+        ([5, 6], "stop", "a;;", None, [5, 6]),  # a stop string: no eos
+        ([5, 6], "stop", "ab", None, [5, 6, 2]),  # a run without the column: the tokenizer's eos
+    ],
+)
+def test_trained_tokens(response, finish, text, stop_id, expected):
+    from scope_cli.train_batch import trained_tokens
+
+    assert trained_tokens(response, finish, text, stop_id, 2, [";;"]) == expected
+
+
+def test_batch_trains_the_sampled_eos_and_old_runs_keep_the_tokenizers(table, tmp_path):
+    """A row's stop_token_id is what it trains on; a rectified shard written before the column
+    existed reads without error and trains the tokenizer's eos after every finished row, as before."""
+    import pyarrow.parquet as pq
+
+    from scope_cli.shards import read_stage
+    from scope_cli.train_batch import NEEDED
+
+    run, rows = table
+    eos = load_policy(run.policy_dir(0))[1].eos_token_id
+    other = eos + 5  # stands for a second eos id of the policy
+    stripped = [dict(r, response_ids=[t for t in r["response_ids"] if t != eos]) for r in rows]
+    finished = [r for r in stripped if r["finish_reason"] == "stop"]
+    assert finished
+    marked = [dict(r, stop_token_id=other if r["finish_reason"] == "stop" else None) for r in stripped]
+    new, _ = _batch(run, marked, "rectify.mode=augment")
+    assert sum(b.response[-1] == other for b in new) == len(finished)
+
+    old_tbl = conform(pa.Table.from_pylist(stripped, schema=RECTIFIED), RECTIFIED).drop_columns(["stop_token_id"])
+    folder = tmp_path / "rectified"
+    folder.mkdir()
+    pq.write_table(old_tbl, folder / "shard-00000.parquet")
+    read = read_stage(folder, NEEDED)  # the missing column is not an error
+    assert "stop_token_id" not in read.column_names
+    from scope_cli.config import load_config
+
+    cfg = load_config(None, ["generate.temperature=1.0", "rectify.mode=augment"])
+    old, _ = build_batch(read, cfg, "policy-000", 256, eos)
+    assert sorted(tuple(b.response) for b in old) == sorted(
+        tuple(b.response[:-1] + [eos]) if b.response[-1] == other else tuple(b.response) for b in new)
+    assert sum(b.response[-1] == eos for b in old) == len(finished)
+
+
+def test_bf16_autocast_tracks_fp32_after_one_update(tmp_path):
+    """train.mixed_precision=bf16 on a single CPU process: compute under bf16 autocast, float32
+    weights and Adam moments, a float32 policy. Adam's first step moves every weight by at most lr
+    (|m̂ / (√v̂ + ε)| <= 1), so two runs from the same weights differ by at most 2·lr where bf16 flips a
+    small gradient's sign, and by float32 rounding where it does not."""
+    from safetensors import safe_open
+
+    lr = 1e-3
+    weights, moments = {}, {}
+    for precision in ("fp32", "bf16"):
+        run = make_run(tmp_path / precision, ["train.minibatches=1", f"train.lr={lr}",
+                                              f"train.mixed_precision={precision}"])
+        build_round(run, 1, n_prompts=2)
+        assert train_step(run, 1, quiet=True)["updates"] == 1
+        weights[precision] = load_file(run.policy_dir(1) / "model.safetensors")
+        moments[precision] = load_file(run.train_dir(1) / "state" / "optimizer.safetensors")
+        with safe_open(str(run.policy_dir(1) / "model.safetensors"), framework="pt") as fh:
+            assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}  # noqa: SIM118
+    base = load_file(make_run(tmp_path / "base", []).policy_dir(0) / "model.safetensors")
+    a, b = weights["fp32"], weights["bf16"]
+    assert {v.dtype for k, v in moments["bf16"].items() if "exp_avg" in k} == {torch.float32}
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 did compute something else
+    for k in a:
+        assert (b[k] - base[k]).abs().max().item() <= lr * (1 + 1e-3), k  # one step of at most lr
+        assert (a[k] - b[k]).abs().max().item() <= 2 * lr * (1 + 1e-3), k

@@ -9,10 +9,12 @@
 `generate` takes token ids (a prompt, or a prompt followed by a prefix of a response to continue), one
 seed per row and the sampling parameters, and returns per row the sampled token ids, their log-probs
 under the distribution actually sampled (after temperature, top-k and top-p; greedy rows: the model's
-own distribution), "stop" or "length", and the text. The same ids, seeds and parameters give the same
+own distribution), "stop" or "length", the end-of-sequence token sampled (or None) and the text. The same ids, seeds and parameters give the same
 rows however the rows are batched, sharded or resumed. Conventions, identical in both backends:
 
 - an end-of-sequence token ends a row with "stop" and is left out of `response_ids` and the text;
+  `stop_token_id` records which one (a policy may have several: Qwen's <|im_end|> and <|endoftext|>),
+  None for rows ended by a stop string or cut at max_tokens;
 - a stop string ends a row with "stop" after the token that completes it; that token stays;
 - reaching `max_tokens` (or the model's length limit) ends a row with "length";
 - `text` is ``decode(response_ids)`` with special tokens skipped (scope_cli.steps.decode).
@@ -66,6 +68,7 @@ class Completion:
     response_logprobs: list[float]
     finish_reason: str  # stop | length
     text: str
+    stop_token_id: int | None = None  # the sampled end-of-sequence token (not in response_ids)
 
 
 class GenerationBackend(Protocol):
@@ -323,6 +326,7 @@ class HFBackend:
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
         finish: list[str | None] = [None] * rows
+        stop_ids: list[int | None] = [None] * rows
         stop_window = 4 * max((len(s) for s in sampling.stop), default=0) + 8
 
         live = list(range(rows))  # the row at each batch position: finished rows leave the batch
@@ -339,7 +343,7 @@ class HFBackend:
                     if finish[i] is not None:
                         continue
                     if picked_l[k] in self.eos:
-                        finish[i] = "stop"
+                        finish[i], stop_ids[i] = "stop", picked_l[k]
                     else:
                         tokens[i].append(picked_l[k])
                         logprobs[i].append(lps_l[k])
@@ -368,8 +372,8 @@ class HFBackend:
                 out = self.model(input_ids=picked[:, None].to(self.device), attention_mask=mask,
                                  position_ids=next_pos, past_key_values=cache, use_cache=True)
                 next_pos = next_pos + 1
-        return [Completion(t, lp, f or "length", decode(self.tokenizer, t))
-                for t, lp, f in zip(tokens, logprobs, finish)]
+        return [Completion(t, lp, f or "length", decode(self.tokenizer, t), stop_id)
+                for t, lp, f, stop_id in zip(tokens, logprobs, finish, stop_ids)]
 
 
 def _can_drop_rows(cache: Any) -> bool:
@@ -471,11 +475,12 @@ class VLLMBackend:
             c = out.outputs[0]
             ids = list(c.token_ids)
             lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)]
+            stop_id = None
             if c.finish_reason == "stop" and ids and ids[-1] in self.eos:
-                ids, lps = ids[:-1], lps[:-1]
+                stop_id, ids, lps = ids[-1], ids[:-1], lps[:-1]
             if c.finish_reason not in ("stop", "length"):
                 raise GenerationError(f"vllm ended a request with finish_reason={c.finish_reason!r}")
-            results.append(Completion(ids, lps, c.finish_reason, decode(self.tokenizer, ids)))
+            results.append(Completion(ids, lps, c.finish_reason, decode(self.tokenizer, ids), stop_id))
         if progress is not None:
             progress(len(results), sum(len(r.response_ids) for r in results))
         return results
