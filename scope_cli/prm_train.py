@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from scope_cli.backends.prm import QWEN_STEP_TOKEN, PrmItem, first_error, processbench, qwen_text
+from scope_cli.shards import honour_umask
 from scope_cli.tasks import arith
 
 DATA_SEED = 20_26_02  # arith problems for the PRM's data, drawn apart from prepare's seeds
@@ -139,6 +140,7 @@ def save_prm(module, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> Pa
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    honour_umask(tmp, folder=True)
     try:
         module.model.config.save_pretrained(tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}

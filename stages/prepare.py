@@ -33,8 +33,10 @@ from scope_cli.config import config_hash
 from scope_cli.errors import ScopeError
 from scope_cli.runs import Run
 from scope_cli.schema import PROMPTS, conform
+from scope_cli.manifests import problems, read_json_object, record_lists_problem, records
 from scope_cli.shards import (
     ShardJob,
+    check_inside_run,
     list_shard_files,
     manifest_path,
     remove_stale_temps,
@@ -303,9 +305,14 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         Path(cfg.prepare.source)]
     source_files = [f for s in sources for f in ([s] if s.is_file() else sorted(p for p in s.rglob("*") if p.is_file()))]
     done_marker = run.root / "eval-sets" / "_manifest.json"
+    check_inside_run(run.eval_sets_dir, run.root)
     prompt_files = list_shard_files(run.prompts_dir)
-    already = (not force and done_marker.exists() and prompt_files and
-               json.loads(done_marker.read_text()).get("config_hash") == cfg_hash)
+    # done: a whole marker with this config hash, and the eval sets it records intact (a damaged
+    # marker or set is rebuilt, to the same bytes; the prompt shards are checked by run_shards)
+    marker, _ = read_json_object(done_marker)
+    already = (not force and marker is not None and prompt_files and marker.get("config_hash") == cfg_hash
+               and record_lists_problem(marker, "files") is None and "files" in marker
+               and not problems(marker["files"], run.eval_sets_dir))
     summary: dict[str, Any] = {}
     if not already:
         train, evals, counts = build_tables(cfg)
@@ -327,9 +334,10 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         for name, rows in evals.items():
             write_parquet_atomic(to_table(rows), run.eval_sets_dir / f"{name}.parquet")
         summary = {"prompts": len(train), **{f"eval:{k}": len(v) for k, v in evals.items()}, **counts}
-        write_json_atomic({"config_hash": cfg_hash, **summary}, done_marker)
+        files = records([run.eval_sets_dir / f"{name}.parquet" for name in evals], run.eval_sets_dir)
+        write_json_atomic({"config_hash": cfg_hash, **summary, "files": files}, done_marker)
     else:
-        summary = {k: v for k, v in json.loads(done_marker.read_text()).items() if k != "config_hash"}
+        summary = {k: v for k, v in marker.items() if k not in ("config_hash", "files")}
         summary["skipped"] = "already prepared"
 
     try:
