@@ -5,6 +5,11 @@ A manifest vouches for files as records ``{"path", "size", "sha256"}``: a shard'
 train-step's (metrics, optimizer state, the policy folder's files), eval's ``_manifest/summary.json``,
 a policy's ``scope-policy.json`` (``files``) and ``eval-sets/_manifest.json`` (``files``).
 
+``sha256`` is the SHA-256 of the file; for files over 1 GiB (a 7B policy's weight files, its optimizer
+state) the record also holds ``"block": 268435456`` and ``sha256`` is the SHA-256 of the concatenated
+SHA-256 digests of the file's consecutive 256 MiB blocks, which threads hash in parallel: one core
+hashes ~1 GB/s, and a 61 GB optimizer file must not take a minute (docs/RELIABILITY.md, "cost").
+
 Who hashes what, how often:
 - the writer hashes each file once, right after writing it (still in the page cache);
 - a stage checks every file it reads against its manifest before using it (`shards.complete_shards`,
@@ -31,62 +36,90 @@ from pathlib import Path
 from typing import Any
 
 RACY_NS = 50_000_000
-_CACHE: dict[tuple[int, int, int, int], str] = {}
-_BLOCK = 1 << 22
-PARALLEL_BYTES = 64 << 20  # hash files in threads once they add up to this much
+BIG, BLOCK = 1 << 30, 256 << 20  # files over BIG are hashed as BLOCK-sized blocks, in threads
+_READ = 1 << 22
+_CACHE: dict[tuple, str] = {}
+PARALLEL_BYTES = 64 << 20  # hash small files in threads once they add up to this much
 STAGE_WRITERS = {"rollouts": "generate", "verified": "verify", "scored": "prm-score",
                  "located": "locate-error", "rectified": "rectify", "train": "train-step", "eval": "eval"}
 
 
 # ---- digests -------------------------------------------------------------------------------------
-def _key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _key(st: os.stat_result, block: int | None) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, block)
 
 
-def _hash_file(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks (hashlib releases the GIL on them: threads run in parallel)."""
+def block_for(size: int) -> int | None:
+    """The block size a file of `size` bytes is hashed in (None: one plain sha256)."""
+    return BLOCK if size > BIG else None
+
+
+def _hash_range(fd: int, start: int, length: int) -> bytes:
     h = hashlib.sha256()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    while length > 0:
+        data = os.pread(fd, min(_READ, length), start)
+        if not data:
+            break
+        h.update(data)  # hashlib and pread release the GIL: threads hash in parallel
+        start, length = start + len(data), length - len(data)
+    return h.digest()
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, from the cache when this process already hashed these bytes."""
+def _hash_file(path: Path, block: int | None = None) -> str:
+    """The file's sha256 or, with `block`, the sha256 of the concatenated sha256 digests of its
+    consecutive `block`-byte blocks, hashed by up to 16 threads (one large file in seconds, where
+    a single sha256 runs at one core's ~1 GB/s)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if block is None:
+            return _hash_range(fd, 0, size).hex()
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = max(1, -(-size // block))
+        with ThreadPoolExecutor(min(n, os.cpu_count() or 1, 16)) as pool:
+            parts = pool.map(lambda i: _hash_range(fd, i * block, block), range(n))
+            return hashlib.sha256(b"".join(parts)).hexdigest()
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Path, block: int | None = None) -> str:
+    """The file's digest (see `_hash_file`), from the cache when this process already hashed it."""
     st = os.stat(path)
-    key = _key(st)
+    key = _key(st, block)
     if key in _CACHE:
         return _CACHE[key]
     start = time.time_ns()
-    digest = _hash_file(Path(path))
-    if _key(os.stat(path)) == key and start - st.st_mtime_ns > RACY_NS:
+    digest = _hash_file(Path(path), block)
+    if _key(os.stat(path), block) == key and start - st.st_mtime_ns > RACY_NS:
         _CACHE[key] = digest
     return digest
 
 
-def remember(path: Path) -> str:
+def remember(path: Path, block: int | None = None) -> str:
     """Hash a file this process has just written (a new inode nobody else writes into) and cache it,
     however recent its mtime; a rename into place keeps the cache entry (same inode and mtime)."""
-    key = _key(os.stat(path))
+    key = _key(os.stat(path), block)
     if key not in _CACHE:
-        _CACHE[key] = _hash_file(Path(path))
+        _CACHE[key] = _hash_file(Path(path), block)
     return _CACHE[key]
 
 
-def sha256_many(paths: list[Path], written: bool = False) -> list[str]:
-    """Digests of several files (`written`: this process just wrote them, see `remember`); in threads
-    (up to 8) when they are large (a policy's weight files)."""
-    paths = list(paths)
+def digests(paths: list[Path], written: bool = False) -> list[tuple[str, int | None]]:
+    """(digest, block) of each file (`written`: this process just wrote them, see `remember`). Files
+    over BIG are hashed in blocks by threads; many small ones (adding up to PARALLEL_BYTES), in threads."""
+    paths = [Path(p) for p in paths]
     one = remember if written else sha256_of
-    if len(paths) < 2 or sum(os.stat(p).st_size for p in paths) < PARALLEL_BYTES:
-        return [one(p) for p in paths]
-    from concurrent.futures import ThreadPoolExecutor
+    blocks = [block_for(os.stat(p).st_size) for p in paths]
+    small = [p for p, b in zip(paths, blocks) if b is None]
+    done: dict[Path, str] = {}
+    if len(small) > 1 and sum(os.stat(p).st_size for p in small) >= PARALLEL_BYTES:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1, 8)) as pool:
-        return list(pool.map(one, paths))
+        with ThreadPoolExecutor(min(len(small), os.cpu_count() or 1, 8)) as pool:
+            done.update(zip(small, pool.map(one, small)))
+    return [(done[p] if p in done else one(p, b), b) for p, b in zip(paths, blocks)]
 
 
 def _name(path: Path, base: Path | None) -> str:
@@ -95,16 +128,21 @@ def _name(path: Path, base: Path | None) -> str:
     return str(path)
 
 
+def _record(path: Path, base: Path | None, digest: str, block: int | None) -> dict[str, Any]:
+    rec = {"path": _name(path, base), "size": path.stat().st_size, "sha256": digest}
+    return {**rec, "block": block} if block else rec
+
+
 def record(path: Path, base: Path | None = None) -> dict[str, Any]:
-    """{"path" (relative to `base` when inside it), "size", "sha256"} of a file."""
+    """{"path" (relative to `base` when inside it), "size", "sha256"} of a file, and "block" where it
+    is hashed in blocks (files over BIG)."""
     path = Path(path)
-    return {"path": _name(path, base), "size": path.stat().st_size, "sha256": sha256_of(path)}
+    return _record(path, base, *digests([path])[0])
 
 
 def records(paths: list[Path], base: Path | None = None, written: bool = False) -> list[dict[str, Any]]:
     paths = [Path(p) for p in paths]
-    return [{"path": _name(p, base), "size": p.stat().st_size, "sha256": d}
-            for p, d in zip(paths, sha256_many(paths, written))]
+    return [_record(p, base, d, b) for p, (d, b) in zip(paths, digests(paths, written))]
 
 
 def policy_digests(folder: Path) -> dict[str, Any]:
@@ -125,7 +163,7 @@ def folder_digest(folder: Path) -> str:
     folder = Path(folder)
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     h = hashlib.sha256()
-    for p, digest in zip(files, sha256_many(files)):
+    for p, (digest, _) in zip(files, digests(files)):
         h.update(str(p.relative_to(folder)).encode())
         h.update(digest.encode())
     return h.hexdigest()[:16]
@@ -140,7 +178,7 @@ def problem(path: Path, rec: dict[str, Any]) -> str | None:
         return "missing"
     if size != rec["size"]:
         return f"{size} bytes where its manifest records {rec['size']}"
-    if sha256_of(path) != rec["sha256"]:
+    if sha256_of(path, rec.get("block")) != rec["sha256"]:
         return "content differs from its manifest (sha256)"
     return None
 
@@ -148,8 +186,8 @@ def problem(path: Path, rec: dict[str, Any]) -> str | None:
 def problems(recs: list[dict[str, Any]], base: Path) -> list[tuple[Path, str]]:
     """(file, problem) for every record under `base` that does not match; large files hashed in threads."""
     paths = [Path(base) / r["path"] for r in recs]
-    present = [(p, r) for p, r in zip(paths, recs) if p.is_file() and p.stat().st_size == r["size"]]
-    sha256_many([p for p, _ in present])  # warms the cache in parallel; problem() reads it
+    present = [p for p, r in zip(paths, recs) if p.is_file() and p.stat().st_size == r["size"]]
+    digests(present)  # warms the cache, in threads; problem() reads it
     return [(p, why) for p, r in zip(paths, recs) if (why := problem(p, r)) is not None]
 
 
@@ -215,7 +253,7 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", in
 
 def is_record(x: Any) -> bool:
     return (isinstance(x, dict) and isinstance(x.get("path"), str) and type(x.get("size")) is int
-            and isinstance(x.get("sha256"), str))
+            and isinstance(x.get("sha256"), str) and (type(x.get("block", 1)) is int and x.get("block", 1) > 0))
 
 
 def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:

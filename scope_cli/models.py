@@ -23,7 +23,7 @@ from typing import Any
 from scope_cli.manifests import policy_digests
 from scope_cli.policy import PolicyError, check_policy_folder, load_error
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete
-from scope_cli.shards import make_temp_dir, remove_stale_temps, swap_folder
+from scope_cli.shards import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
 from scope_cli.tasks import arith
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -141,6 +141,7 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
         stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".py")]
         if stray:
             raise PolicyError(f"{out}: refusing to save non-safetensors files {', '.join(stray)}")
+        honour_umask_files(tmp)
         mark_policy_complete(tmp, {**policy_digests(tmp), **json.loads(json.dumps(info))})
         swap_folder(tmp, out)
     except BaseException:

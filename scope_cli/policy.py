@@ -90,9 +90,12 @@ def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = 
 
 
 def policy_problem(path: Path) -> str | None:
-    """What is wrong with a complete policy's files against its marker (one line), or None. A marker
-    that records no files (a policy made elsewhere) vouches for nothing and is taken as it is."""
+    """What is wrong with a complete policy's files against its marker (one line), or None. A folder
+    without a marker, or whose marker records no files (a policy made elsewhere), vouches for nothing
+    and is taken as it is."""
     marker = Path(path) / POLICY_MARKER
+    if not marker.exists():
+        return None
     data, why = read_json_object(marker)
     if data is None:
         return f"{marker}: {why}"

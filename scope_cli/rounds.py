@@ -107,9 +107,10 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
             raise ScopeError(f"{run.policy_dir(0)}: no base policy; policy.path {exc}") from None
         raise ScopeError(f"{run.policy_dir(0)}: no base policy (run `scope prepare` with a valid "
                          "policy.path first)")
-    finish_pruning(run)
     todo = [r for r in range(0, target + 1) if not round_done(run, r, target)]
     if not todo:
+        # what a killed run had left to prune (as `scope round <newest>` would prune it)
+        prune_checkpoints(run, max(target, run.last_policy_round() or 0))
         return []
     if isolate if isolate is not None else use_isolation(run):
         for r in todo:

@@ -162,6 +162,13 @@ def honour_umask(path: Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
+def honour_umask_files(folder: Path) -> None:
+    """The umask's mode for a temporary folder of ours and every file a library wrote into it
+    (mkdtemp makes the folder 0700; transformers' save_pretrained writes model.safetensors 0600)."""
+    for p in [Path(folder), *Path(folder).rglob("*")]:
+        honour_umask(p, folder=p.is_dir())
+
+
 def make_temp_dir(parent: Path, name: str) -> Path:
     """A temporary folder beside `name` in `parent` (named after its writer), with the umask's mode."""
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=parent))

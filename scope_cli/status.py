@@ -58,7 +58,7 @@ class Checker:
                 return self.bad(path, "changed after its manifest was written (not hashed; `scope "
                                       "status --verify` compares its content)")
             self.budget -= st.st_size
-        if sha256_of(path) != rec["sha256"]:
+        if sha256_of(path, rec.get("block")) != rec["sha256"]:
             return self.bad(path, "content differs from its manifest (sha256)")
         return True
 

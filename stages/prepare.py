@@ -37,6 +37,7 @@ from scope_cli.manifests import problems, read_json_object, record_lists_problem
 from scope_cli.shards import (
     ShardJob,
     check_inside_run,
+    is_done,
     list_shard_files,
     manifest_path,
     remove_stale_temps,
@@ -307,12 +308,14 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
     done_marker = run.root / "eval-sets" / "_manifest.json"
     check_inside_run(run.eval_sets_dir, run.root)
     prompt_files = list_shard_files(run.prompts_dir)
-    # done: a whole marker with this config hash, and the eval sets it records intact (a damaged
-    # marker or set is rebuilt, to the same bytes; the prompt shards are checked by run_shards)
+    # done: a whole marker with this config hash, the eval sets it records and the prompt shards
+    # intact (a damaged marker, set or shard is rebuilt, to the same bytes)
     marker, _ = read_json_object(done_marker)
     already = (not force and marker is not None and prompt_files and marker.get("config_hash") == cfg_hash
                and record_lists_problem(marker, "files") is None and "files" in marker
-               and not problems(marker["files"], run.eval_sets_dir))
+               and not problems(marker["files"], run.eval_sets_dir)
+               and all(is_done(run.prompts_dir, i, source_files, cfg_hash, run.root)
+                       for i in range(len(prompt_files))))
     summary: dict[str, Any] = {}
     if not already:
         train, evals, counts = build_tables(cfg)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,6 +511,11 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     # 4. commit: state and metrics, then the policy (atomic rename), then the manifest
     info = {"updates": updates, "round": round_, "world_size": d.world, "fsdp": t.fsdp}
     save_train_state(train_dir / "state", model, opt, info, d)
+    if d.main:  # the state's digests, in a thread while the policy is gathered and saved
+        hashing = ThreadPoolExecutor(1)
+        state_records = hashing.submit(records, sorted(p for p in (train_dir / "state").iterdir()
+                                                      if p.is_file()), train_dir, True)
+        hashing.shutdown(wait=False)  # the thread ends with its one task
     weights = full_state_dict(model)
     if d.main:
         write_parquet_atomic(conform(pa.Table.from_pylist(metrics, schema=TRAIN_METRICS),
@@ -523,8 +529,7 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
             "stage": "train-step", "shard": 0, "num_shards": 1,
             "inputs": [file_digest(p, run.root) for p in inputs],
             "output": file_digest(train_dir / METRICS_FILE, train_dir),
-            "outputs": records(sorted(p for p in (train_dir / "state").iterdir() if p.is_file()),
-                               train_dir, written=True),
+            "outputs": state_records.result(),
             "policy_marker": file_digest(out_policy / POLICY_MARKER, run.root),
             "config_hash": cfg_hash, "config_keys": sorted(CONFIG_KEYS),
             "engines": engine_versions("torch", "transformers"),
