@@ -23,7 +23,7 @@ from typing import Any
 from scope_cli.manifests import policy_digests
 from scope_cli.policy import PolicyError, check_policy_folder, load_error
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete
-from scope_cli.shards import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
+from scope_cli.tempfiles import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
 from scope_cli.tasks import arith
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"

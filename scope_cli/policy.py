@@ -12,7 +12,7 @@ from pathlib import Path
 from scope_cli.errors import ScopeError
 from scope_cli.manifests import damaged, policy_digests, problems, read_json_object, record_lists_problem
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete, policy_complete
-from scope_cli.shards import honour_umask, make_temp_dir, remove_stale_temps, swap_folder
+from scope_cli.tempfiles import honour_umask, make_temp_dir, remove_stale_temps, swap_folder
 
 # Files a policy folder may carry. Pickled weights (.bin/.pt/.pth/.pkl) and remote code (.py) are left
 # behind: weights load only from safetensors.

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from scope_cli.backends.prm import QWEN_STEP_TOKEN, PrmItem, first_error, processbench, qwen_text
-from scope_cli.shards import honour_umask_files
+from scope_cli.tempfiles import honour_umask_files
 from scope_cli.tasks import arith
 
 DATA_SEED = 20_26_02  # arith problems for the PRM's data, drawn apart from prepare's seeds

@@ -202,7 +202,7 @@ def figure_png(runs: list[RunData]) -> bytes:
 
 # ---- the command -------------------------------------------------------------------------------------
 def _write_atomic(data: bytes, path: Path) -> None:
-    from scope_cli.shards import honour_umask
+    from scope_cli.tempfiles import honour_umask
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

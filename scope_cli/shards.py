@@ -10,9 +10,9 @@ Files and folders get the modes the umask gives (0666 / 0777 minus the umask), t
 Concurrent workers take an ``flock`` on ``_locks/shard-NNNNN.lock`` (released by the kernel when the
 process dies) and skip shards another worker holds.
 
-Temporary names carry their writer (``.NAME.tmp@HOST@PID@XXXX.tmp``), so what a killed process left
-behind is recognised and removed by the next run: a shard's temporaries by whoever holds its lock, any
-other temporary once its writer is known dead (same host, no such process). A stage that reads
+Temporary names carry their writer (scope_cli/tempfiles.py), so what a killed process left behind is
+removed by the next run: a shard's temporaries by whoever holds its lock, any other temporary once
+its writer is known dead (same host, no such process). A stage that reads
 another stage's folder takes only a finished one (`complete_shards`): every shard of the writer's
 ``num_shards`` present, with its manifest.
 """
@@ -24,9 +24,6 @@ import functools
 import json
 import os
 import platform
-import re
-import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,11 +37,16 @@ import pyarrow.parquet as pq
 
 from scope_cli import __version__
 from scope_cli.errors import ScopeError
-from scope_cli.manifests import damaged, folder_digest, problem, read_manifest, remember
+from scope_cli.manifests import damaged, folder_digest, problem, read_manifest, remember  # noqa: F401
 from scope_cli.manifests import record as file_digest
 from scope_cli.schema import STAGE_OUTPUTS
-
-__all__ = ["file_digest", "folder_digest"]  # re-exported: stages import them from here
+from scope_cli.tempfiles import (  # noqa: F401 (swap_folder re-exported: callers import it from here)
+    honour_umask,
+    remove_path,
+    remove_stale_temps,
+    swap_folder,
+    temp_prefix,
+)
 
 
 class ShardError(ScopeError):
@@ -75,107 +77,7 @@ def list_shard_files(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.glob("shard-*.parquet") if p.name[6:11].isdigit())
 
 
-# ---- temporaries -------------------------------------------------------------------------------------
-_TEMP_OWNER = re.compile(r"\.tmp@([^@/]+)@(\d+)@")
-
-
-def temp_prefix(name: str) -> str:
-    """The prefix of a temporary file or folder that will be renamed to `name`: it names its writer."""
-    return f".{name}.tmp@{socket.gethostname()}@{os.getpid()}@"
-
-
-def swap_folder(tmp: Path, dst: Path) -> None:
-    """Put a finished temporary folder in place of `dst` (whatever was there is moved aside first,
-    then removed), so a reader sees the old folder or the new one, never a half-written one."""
-    import shutil
-
-    old = None
-    if dst.exists():
-        old = dst.parent / f"{temp_prefix(dst.name)}old"
-        dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Path, names: list[str] | None = None) -> list[Path]:
-    """Remove temporaries (files or folders) in `folder` left by killed writers. With `names`, every
-    temporary of those final names goes, whoever wrote it: the caller holds their lock. Without, those
-    whose writer ran on this host and is gone. Returns the temporaries that remain."""
-    try:
-        entries = [Path(e.path) for e in os.scandir(folder) if e.name.startswith(".")]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    host, left = socket.gethostname(), []
-    for path in entries:
-        owner = _TEMP_OWNER.search(path.name)
-        if owner is None:
-            continue
-        if names is not None:
-            stale = any(path.name.startswith(f".{n}.tmp@") for n in names)
-        else:
-            stale = owner.group(1) == host and not _pid_alive(int(owner.group(2)))
-        if stale:
-            _remove(path)
-        else:
-            left.append(path)
-    return left
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-# ---- modes ----------------------------------------------------------------------------------------
-def current_umask() -> int:
-    """This process's umask (from /proc, which leaves it untouched; else set and restored)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: Path, folder: bool = False) -> None:
-    """Give a file made by mkstemp (0600) or a folder made by mkdtemp (0700) the mode open()/mkdir()
-    would have given it, so a run is as readable as the umask says."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
-
-
-def honour_umask_files(folder: Path) -> None:
-    """The umask's mode for a temporary folder of ours and every file a library wrote into it
-    (mkdtemp makes the folder 0700; transformers' save_pretrained writes model.safetensors 0600)."""
-    for p in [Path(folder), *Path(folder).rglob("*")]:
-        honour_umask(p, folder=p.is_dir())
-
-
-def make_temp_dir(parent: Path, name: str) -> Path:
-    """A temporary folder beside `name` in `parent` (named after its writer), with the umask's mode."""
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=parent))
-    honour_umask(tmp, folder=True)
-    return tmp
-
-
+# ---- folders ---------------------------------------------------------------------------------------
 def check_inside_run(folder: Path, root: Path) -> None:
     """Refuse a folder of the run that is reached through a symbolic link: writing there (and removing
     stray shards there) would act on files outside the run, or on another stage's."""
@@ -494,7 +396,7 @@ def run_shards(
             # temporaries of this shard are stale, whoever wrote them: only the lock holder writes it
             for name in (shard_name(job.index), f"shard-{job.index:05d}.json"):
                 for path in [p for p in leftovers if p.name.startswith(f".{name}.tmp@")]:
-                    _remove(path)
+                    remove_path(path)
             if not force and is_done(stage_dir, job.index, job.inputs, cfg_hash, root, job.outputs):
                 result.skipped_done.append(job.index)
                 continue

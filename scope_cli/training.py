@@ -216,7 +216,7 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    from scope_cli.shards import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
+    from scope_cli.tempfiles import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
 
     state_dir = Path(state_dir)
     state_dir.parent.mkdir(parents=True, exist_ok=True)
