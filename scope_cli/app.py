@@ -410,8 +410,9 @@ def compare(
 @one_line_errors
 def status(
     run: RunOpt = "default",
-    verify: Annotated[bool, typer.Option("--verify", help="hash every recorded file (default: sizes and "
-                                         "modification times; files changed since written are hashed)")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="hash every recorded file (default: sizes and modification times; files "
+        "changed since written are hashed)")] = False,
 ) -> None:
     """Shards done, rows, seconds and the headline metric of every stage of a run (reads manifests), and
     every damaged file with the command that recomputes it (exit code 1 when there is one)."""

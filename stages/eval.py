@@ -21,8 +21,8 @@ math-verify (the verify stage's pool and rules) and writes, into the eval folder
 - ``training.parquet`` (rounds >= 1): what round R's stages recorded, eval_set = "train"
   (scope_cli.metrics.training_metrics);
 - ``_manifest/summary.json``, written last: both files' sizes and sha256 and what they were computed
-  from. The two are one unit: the eval is done (`summary_complete`) only once it exists, so a kill
-  between them leaves an eval that the next run finishes.
+  from. The two are one unit: the eval is done (scope_cli.rounds.eval_done) only once it exists, so a
+  kill between them leaves an eval that the next run finishes.
 
 Each set's shard manifest records its per-sample tables beside the shard; the eval sets and the
 policy are checked against their manifests before they are used.
@@ -386,10 +386,11 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
             (out_dir / name).unlink(missing_ok=True)
         return result
     train_round = policy is None and round_ is not None and round_ >= 1
-    inputs = [shard_path(out_dir, j.index) for j in jobs] + (training_sources(run, round_) if train_round else [])
+    inputs = [shard_path(out_dir, j.index) for j in jobs]
+    inputs += training_sources(run, round_) if train_round else []
     if not summary_done(out_dir, inputs, cfg_hash, run.root):
-        write_summary(run, out_dir, jobs, inputs, cfg_hash, training_metrics(run, round_) if train_round else None,
-                      summary_round, policy_dir.name)
+        train = training_metrics(run, round_) if train_round else None
+        write_summary(run, out_dir, jobs, inputs, cfg_hash, train, summary_round, policy_dir.name)
     result["summary"] = out_dir / SUMMARY_FILES[0]
     for name in SUMMARY_FILES:
         if (out_dir / name).exists():

@@ -437,15 +437,26 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     if round_ > 1 and not (run.train_dir(round_ - 1) / "state" / "trainer.json").exists():
         raise TrainError(f"{run.train_dir(round_ - 1) / 'state'}: train state of round {round_ - 1} "
                          "missing (run that round's train-step first)")
-    check_inputs(run, round_, in_policy)
+    # the inputs' digests (the main process: 91 GB at 7B), in a thread while the model loads; checked
+    # before the train state is read or anything is trained
+    checked = None
+    if os.environ.get("RANK", "0") == "0":
+        checking = ThreadPoolExecutor(1)
+        checked = checking.submit(check_inputs, run, round_, in_policy)
+        checking.shutdown(wait=False)
     set_threads(t.threads)
     d = init_dist()
     console = Console(stderr=True, quiet=quiet or not d.main)
     start = time.perf_counter()
 
     # 1. the round batch and its advantages (every process reads all of it)
-    model, tok = load_policy(in_policy, dtype="float32", device=str(d.device),
-                             trust_remote_code=cfg.policy.trust_remote_code)
+    try:
+        model, tok = load_policy(in_policy, dtype="float32", device=str(d.device),
+                                 trust_remote_code=cfg.policy.trust_remote_code)
+    except Exception:
+        if checked is not None:
+            checked.result()  # a damaged input says more than the load error it causes
+        raise
     table = read_stage(run.stage_dir(round_, "rectified"), NEEDED)
     rows, counts = build_batch(table, cfg, in_policy.name, model.config.max_position_embeddings,
                                tok.eos_token_id)
@@ -456,6 +467,8 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
                        activation_checkpointing=t.activation_checkpointing)
     model.train()
     opt = make_optimizer(model, t.lr, t.betas, t.weight_decay)
+    if checked is not None:
+        checked.result()
     if round_ > 1:  # optimizer moments, update count and the RNG state carry over rounds
         state = load_train_state(run.train_dir(round_ - 1) / "state", model, opt)
     else:  # the first round starts the RNG from the run's seed, never from the process's history

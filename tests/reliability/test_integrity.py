@@ -54,6 +54,7 @@ def assert_same_as(reference, root) -> None:
     assert temporaries(root) == []
 
 
+REPORT = ["report", "{root}", "--out", "{tmp}/report"]
 # (damaged file, the command that reads it next (None: only users read it), the repair)
 FILES = [
     ("prompts/shard-00000.parquet", ["generate", "--round", "1"], "scope prepare"),
@@ -69,8 +70,8 @@ FILES = [
     ("policy-001/model.safetensors", ["generate", "--round", "2"], "scope train-step --round 1"),
     ("round-001/eval/shard-00000.parquet", None, "scope eval --round 1"),
     ("round-001/eval/heldout-greedy.parquet", None, "scope eval --round 1"),
-    ("round-001/eval/summary.parquet", ["report", "{root}", "--out", "{tmp}/report"], "scope eval --round 1"),
-    ("round-001/eval/training.parquet", ["report", "{root}", "--out", "{tmp}/report"], "scope eval --round 1"),
+    ("round-001/eval/summary.parquet", REPORT, "scope eval --round 1"),
+    ("round-001/eval/training.parquet", REPORT, "scope eval --round 1"),
 ]
 
 
@@ -202,6 +203,7 @@ def test_a_killed_pruning_is_finished_by_the_next_round(reference, tmp_path):
     assert results[0]["kill"]["path"] == ".policy-001.pruned"
     assert results[1]["kill"]["path"] == "round-001/train/.state.pruned"
     assert results[2]["code"] == 0
-    assert not (root / ".policy-001.pruned").exists() and not (root / "round-001/train/.state.pruned").exists()
+    assert not (root / ".policy-001.pruned").exists()
+    assert not (root / "round-001/train/.state.pruned").exists()
     assert not (root / "policy-001").exists() and not (root / "round-001/train/state").exists()
     assert temporaries(root) == []
