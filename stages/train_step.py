@@ -8,7 +8,9 @@
 Reads round-R/rectified/ (every shard), policy-(R-1) and round-(R-1)/train/state/ (optimizer moments,
 global update count); writes round-R/train/state/, round-R/train/metrics.parquet (one row per
 update, schema TRAIN_METRICS), policy-R/ and, last, round-R/train/_manifest/shard-00000.json (timings,
-input digests, config hash). A finished train-step (policy complete, manifest matching) is skipped.
+config hash, the inputs' and outputs' sizes and sha256). A finished train-step (policy complete,
+manifest matching, every output intact) is skipped; the input policy and train state are checked
+against their manifests before they are used.
 
 What it does, in order:
 1. The round batch: rows with in_batch; rows whose verify_status is timeout/error get reward 0 (or
