@@ -1,8 +1,8 @@
 """`make bench`: every benchmark, one after another, and one table of scope against the alternatives.
 
-    .venv/bin/python bench/run_all.py [--quick] [--only round,trl,generate,verify,train,startup]
+    .venv/bin/python bench/run_all.py [--quick] [--only round,trl,generate,verify,train,startup,digest]
 
-Runs bench/{round,trl,generate,verify,train,startup}_bench.py (each compares its sides in one run,
+Runs bench/{round,trl,generate,verify,train,startup,digest}_bench.py (each compares its sides in one run,
 interleaved, medians of several steps, peak RSS beside time), then prints the summary table, the
 machine, the command and each benchmark's own table, and writes the same markdown to
 bench/out/latest.md. --quick (`make bench QUICK=1`) takes fewer steps and drops the largest sizes.
@@ -32,6 +32,7 @@ BENCHES = {
     "verify": "verify_bench.py",
     "train": "train_bench.py",
     "startup": "startup_bench.py",
+    "digest": "digest_bench.py",
 }
 
 

@@ -418,11 +418,18 @@ def compare(
 
 @app.command()
 @one_line_errors
-def status(run: RunOpt = "default") -> None:
-    """Shards done, rows, seconds and the headline metric of every stage of a run (reads manifests)."""
+def status(
+    run: RunOpt = "default",
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="hash every recorded file (default: sizes and modification times; files "
+        "changed since written are hashed)")] = False,
+) -> None:
+    """Shards done, rows, seconds and the headline metric of every stage of a run (reads manifests), and
+    every damaged file with the command that recomputes it (exit code 1 when there is one)."""
     from scope_cli.status import print_status
 
-    print_status(run_path(run))
+    if print_status(run_path(run), verify=verify):
+        raise typer.Exit(1)
 
 
 def main() -> None:

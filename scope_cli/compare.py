@@ -107,9 +107,12 @@ def read_curves(run_root: Path) -> list[dict[str, Any]]:
     """Every evaluated round of a run as rows {round, update, eval_set, metric, value}."""
     import polars as pl
 
+    from scope_cli.report import check_read
+
     rows = []
     for summary in sorted(run_root.glob("round-*/eval/summary.parquet")):
         round_ = int(summary.parent.parent.name[6:])
+        check_read(run_root, round_)
         metrics = summary.parent.parent / "train" / "metrics.parquet"
         update = 0
         if round_ > 0 and metrics.exists():

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from scope_cli.manifests import policy_digests
 from scope_cli.policy import PolicyError, check_policy_folder, load_error
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete
-from scope_cli.shards import folder_digest, remove_stale_temps, swap_folder, temp_prefix, write_failure
+from scope_cli.tempfiles import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
+from scope_cli.shards import write_failure
 from scope_cli.tasks import arith
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -133,7 +134,7 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent)  # what a killed save left behind
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -141,7 +142,8 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
         stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".py")]
         if stray:
             raise PolicyError(f"{out}: refusing to save non-safetensors files {', '.join(stray)}")
-        mark_policy_complete(tmp, {"hash": folder_digest(tmp), **json.loads(json.dumps(info))})
+        honour_umask_files(tmp)
+        mark_policy_complete(tmp, {**policy_digests(tmp), **json.loads(json.dumps(info))})
         swap_folder(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,17 +1,19 @@
 """Policy folders: Hugging Face folders (config, safetensors weights, tokenizer) that transformers and
 vLLM both load. Only model files go in a policy folder; a policy is complete when its marker
-``scope-policy.json`` exists (written last). Nothing here reads pickle.
+``scope-policy.json`` exists (written last). The marker records every file's size and sha256
+(``files``); `verify_policy` checks them before a stage uses the policy. Nothing here reads pickle.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from scope_cli.errors import ScopeError
+from scope_cli.jsonfile import json_object
+from scope_cli.manifests import damaged, policy_digests, problems, record_lists_problem
 from scope_cli.runs import POLICY_MARKER, mark_policy_complete, policy_complete
-from scope_cli.shards import folder_digest, remove_stale_temps, swap_folder, temp_prefix
+from scope_cli.tempfiles import honour_umask, make_temp_dir, remove_stale_temps, swap_folder
 
 # Files a policy folder may carry. Pickled weights (.bin/.pt/.pth/.pkl) and remote code (.py) are left
 # behind: weights load only from safetensors.
@@ -69,22 +71,50 @@ def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = 
     (custom model code) are copied only with `code` (policy.trust_remote_code)."""
     src, dst = Path(src), Path(dst)
     check_policy_folder(src)
-    if policy_complete(dst):
+    if policy_complete(dst) and policy_problem(dst) is None:
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dst.parent)  # what a killed copy left behind
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst.name), suffix=".tmp", dir=dst.parent))
+    tmp = make_temp_dir(dst.parent, dst.name)
     try:
         for p in sorted(src.iterdir()):
             if p.is_file() and (p.suffix in ALLOWED_SUFFIXES or (code and p.suffix == ".py")) \
                     and p.name != POLICY_MARKER:
                 shutil.copy2(p, tmp / p.name)
-        mark_policy_complete(tmp, {"source": str(src), "hash": folder_digest(tmp), **(info or {})})
-        swap_folder(tmp, dst)  # replaces an incomplete leftover (no marker)
+                honour_umask(tmp / p.name)  # the run's umask, not the source's mode
+        mark_policy_complete(tmp, {"source": str(src), **policy_digests(tmp), **(info or {})})
+        swap_folder(tmp, dst)  # replaces an incomplete or damaged one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def policy_problem(path: Path) -> str | None:
+    """What is wrong with a complete policy's files against its marker (one line), or None. A folder
+    without a marker, or whose marker records no files (a policy made elsewhere), vouches for nothing
+    and is taken as it is."""
+    marker = Path(path) / POLICY_MARKER
+    if not marker.exists():
+        return None
+    data, why = json_object(marker)
+    if data is None:
+        return f"{marker}: {why}"
+    if "files" not in data:
+        return None
+    if (why := record_lists_problem(data, "files")) is not None:
+        return f"{marker}: {why}"
+    bad = problems(data["files"], Path(path))
+    return f"{bad[0][0]}: {bad[0][1]}" if bad else None
+
+
+def verify_policy(path: Path, repair: str) -> None:
+    """Refuse a policy whose files are not what its marker records, naming the file and `repair`, the
+    command that writes the policy again (to the same bytes on CPU)."""
+    why = policy_problem(path)
+    if why is not None:
+        where, _, what = why.partition(": ")
+        raise PolicyError(damaged(Path(where), what, repair))
 
 
 def policy_hash(path: Path) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from scope_cli.backends.prm import QWEN_STEP_TOKEN, PrmItem, first_error, processbench, qwen_text
+from scope_cli.tempfiles import honour_umask_files
 from scope_cli.tasks import arith
 
 DATA_SEED = 20_26_02  # arith problems for the PRM's data, drawn apart from prepare's seeds
@@ -150,6 +151,7 @@ def save_prm(module, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> Pa
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
             cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         (tmp / PRM_MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        honour_umask_files(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

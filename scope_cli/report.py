@@ -54,6 +54,21 @@ class RunData:
 
 
 # ---- reading -------------------------------------------------------------------------------------
+def check_read(root: Path, round_: int) -> None:
+    """Round R's train metrics, eval summary and training table, where present, are what their
+    manifests record (a damaged one is named with the command that recomputes it)."""
+    from scope_cli.manifests import vouched
+
+    train, evald = Path(root) / f"round-{round_:03d}" / "train", Path(root) / f"round-{round_:03d}" / "eval"
+    for path, man, repair in (
+            (train / "metrics.parquet", train / "_manifest" / "shard-00000.json",
+             f"scope train-step --round {round_}"),
+            *((evald / name, evald / "_manifest" / "summary.json", f"scope eval --round {round_}")
+              for name in ("summary.parquet", "training.parquet"))):
+        if path.exists() and (why := vouched(path, man, Path(root), repair)) is not None:
+            raise ReportError(why)
+
+
 def load_run(root: Path) -> RunData:
     """Read what `scope eval` and train-step wrote into a run folder."""
     import polars as pl
@@ -65,6 +80,7 @@ def load_run(root: Path) -> RunData:
     run = Run.open(root)
     data = RunData(name=root.name, root=root)
     for round_ in sorted({0, *run.rounds()}):
+        check_read(root, round_)
         metrics_file = run.train_dir(round_) / "metrics.parquet"
         if metrics_file.exists():
             train = pl.read_parquet(metrics_file)
@@ -186,9 +202,12 @@ def figure_png(runs: list[RunData]) -> bytes:
 
 # ---- the command -------------------------------------------------------------------------------------
 def _write_atomic(data: bytes, path: Path) -> None:
+    from scope_cli.tempfiles import honour_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        honour_umask(Path(tmp))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

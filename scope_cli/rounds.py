@@ -18,7 +18,8 @@ the last K policy folders and, with run.keep_every = M, every M-th (0: keep all)
 keeps the train state (optimizer moments) of the last K rounds (0: all). Never removed: policy-000
 (the base, and the KL reference), the newest complete policy (the next round's input), a policy whose
 eval is still pending, and the newest train state (the next round continues its moments). A round
-whose policy was removed counts as finished.
+whose policy was removed counts as finished. A folder is renamed out of the way (``.NAME.pruned``)
+before it is deleted; what a killed pruning left is deleted by the next `scope round`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,23 @@ STAGE_COMMANDS = ("generate", "verify", "prm-score", "locate-error", "rectify", 
 
 
 def eval_done(run: Run, round_: int) -> bool:
-    return (run.eval_dir(round_) / "summary.parquet").exists()
+    """Round R's eval finished: its summary manifest (written after summary.parquet and
+    training.parquet) is whole and both files have the sizes it records. (Their contents are checked
+    by `scope eval`, `scope status` and the readers: this check runs for every round, often.)"""
+    from scope_cli.manifests import manifest_files, read_manifest
+
+    eval_dir = run.eval_dir(round_)
+    m, _ = read_manifest(eval_dir / "_manifest" / "summary.json")
+    return m is not None and all(p.is_file() and p.stat().st_size == r["size"]
+                                 for p, r in manifest_files(m, eval_dir, run.root))
+
+
+def train_done(run: Run, round_: int) -> bool:
+    """Round R's train-step finished (policy complete, its manifest written last): the stages before
+    it have nothing left to do for the round."""
+    from scope_cli.shards import manifest_path
+
+    return policy_complete(run.policy_dir(round_)) and manifest_path(run.train_dir(round_), 0).exists()
 
 
 def policy_pruned(run: Run, round_: int) -> bool:
@@ -92,6 +109,8 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
                          "policy.path first)")
     todo = [r for r in range(0, target + 1) if not round_done(run, r, target)]
     if not todo:
+        # what a killed run had left to prune (as `scope round <newest>` would prune it)
+        prune_checkpoints(run, max(target, run.last_policy_round() or 0))
         return []
     if isolate if isolate is not None else use_isolation(run):
         for r in todo:
@@ -119,7 +138,7 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
     with Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) as verifier:
         try:
             for r in rounds:
-                if r > 0:
+                if r > 0 and not train_done(run, r):  # (a round left with only its eval to do)
                     if engine is None:
                         engine = open_policy_engine(cfg, run.input_policy(r))
                     _all_done(run, r, "generate", generate(run, r, engine=engine, quiet=quiet))
@@ -155,7 +174,7 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
     common = ["--run", str(run.root), *(["--quiet"] if quiet else [])]
     commands = []
     procs = run.config.round.train_procs
-    if r > 0:
+    if r > 0 and not train_done(run, r):
         for stage in STAGE_COMMANDS:
             args = [stage, "--round", str(r), *common]
             if stage == "train-step" and procs > 1:  # the `--` keeps torchrun off `--run`
@@ -179,6 +198,7 @@ def prune_checkpoints(run: Run, target: int) -> dict[str, list[int]]:
 
     keep = run.config.run
     removed: dict[str, list[int]] = {"policies": [], "states": []}
+    finish_pruning(run)
     last = run.last_policy_round()
     if last is None:
         return removed
@@ -209,6 +229,16 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+def finish_pruning(run: Run) -> list[Path]:
+    """Delete what a pruning killed mid-way left (``.policy-NNN.pruned``, ``train/.state.pruned``):
+    renamed out of the way, so nothing reads it; it only holds disk space."""
+    left = [*run.root.glob(".policy-[0-9][0-9][0-9].pruned"),
+            *run.root.glob("round-[0-9][0-9][0-9]/train/.state.pruned")]
+    for trash in left:
+        shutil.rmtree(trash, ignore_errors=True)
+    return left
+
+
 def _cpu_threads(run: Run) -> None:
     """Tiny models run fastest on one thread on small CPUs (measured); train.threads sets it."""
     import torch
@@ -225,7 +255,7 @@ def round_table(run: Run, target: int) -> list[dict[str, Any]]:
     rows = []
     for r in range(0, target + 1):
         summary = run.eval_dir(r) / "summary.parquet"
-        if summary.exists():
+        if eval_done(run, r):
             frame = pl.read_parquet(summary)
             rows.append({"round": r, **{f"{s}:{m}": v for s, m, v in
                                         frame.select("eval_set", "metric", "value").iter_rows()}})

@@ -1,16 +1,18 @@
 """Parquet shard I/O: atomic writes, per-shard manifests, skip/resume, locks, schema checks.
 
 A stage folder holds ``shard-NNNNN.parquet`` plus ``_manifest/shard-NNNNN.json``. A shard is done when
-its output and a manifest whose inputs (size + sha256) and config hash match exist. Outputs are written
-to a temporary name in the same folder and renamed, so a crash never leaves a file a reader would take
-as done; the manifest is written last. Timings live only in manifests, never in Parquet.
+its output (and any file its job writes beside it) matches the size and sha256 its manifest records, and
+the manifest's inputs (size + sha256) and config hash match (digests: scope_cli/manifests.py). Outputs
+are written to a temporary name in the same folder and renamed, so a crash never leaves a file a reader
+would take as done; the manifest is written last. Timings live only in manifests, never in Parquet.
+Files and folders get the modes the umask gives (0666 / 0777 minus the umask), temporaries included.
 
 Concurrent workers take an ``flock`` on ``_locks/shard-NNNNN.lock`` (released by the kernel when the
 process dies) and skip shards another worker holds.
 
-Temporary names carry their writer (``.NAME.tmp@HOST@PID@XXXX.tmp``), so what a killed process left
-behind is recognised and removed by the next run: a shard's temporaries by whoever holds its lock, any
-other temporary once its writer is known dead (same host, no such process). A stage that reads
+Temporary names carry their writer (scope_cli/tempfiles.py), so what a killed process left behind is
+removed by the next run: a shard's temporaries by whoever holds its lock, any other temporary once
+its writer is known dead (same host, no such process). A stage that reads
 another stage's folder takes only a finished one (`complete_shards`): every shard of the writer's
 ``num_shards`` present, with its manifest.
 """
@@ -19,13 +21,9 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import platform
-import re
-import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +37,16 @@ import pyarrow.parquet as pq
 
 from scope_cli import __version__
 from scope_cli.errors import ScopeError
+from scope_cli.manifests import damaged, folder_digest, problem, read_manifest, remember  # noqa: F401
+from scope_cli.manifests import record as file_digest
 from scope_cli.schema import OPTIONAL_COLUMNS, STAGE_OUTPUTS
+from scope_cli.tempfiles import (  # noqa: F401 (swap_folder re-exported: callers import it from here)
+    honour_umask,
+    remove_path,
+    remove_stale_temps,
+    swap_folder,
+    temp_prefix,
+)
 
 
 class ShardError(ScopeError):
@@ -70,71 +77,17 @@ def list_shard_files(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.glob("shard-*.parquet") if p.name[6:11].isdigit())
 
 
-# ---- temporaries -------------------------------------------------------------------------------------
-_TEMP_OWNER = re.compile(r"\.tmp@([^@/]+)@(\d+)@")
-
-
-def temp_prefix(name: str) -> str:
-    """The prefix of a temporary file or folder that will be renamed to `name`: it names its writer."""
-    return f".{name}.tmp@{socket.gethostname()}@{os.getpid()}@"
-
-
-def swap_folder(tmp: Path, dst: Path) -> None:
-    """Put a finished temporary folder in place of `dst` (whatever was there is moved aside first,
-    then removed), so a reader sees the old folder or the new one, never a half-written one."""
-    import shutil
-
-    old = None
-    if dst.exists():
-        old = dst.parent / f"{temp_prefix(dst.name)}old"
-        dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Path, names: list[str] | None = None) -> list[Path]:
-    """Remove temporaries (files or folders) in `folder` left by killed writers. With `names`, every
-    temporary of those final names goes, whoever wrote it: the caller holds their lock. Without, those
-    whose writer ran on this host and is gone. Returns the temporaries that remain."""
-    try:
-        entries = [Path(e.path) for e in os.scandir(folder) if e.name.startswith(".")]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    host, left = socket.gethostname(), []
-    for path in entries:
-        owner = _TEMP_OWNER.search(path.name)
-        if owner is None:
-            continue
-        if names is not None:
-            stale = any(path.name.startswith(f".{n}.tmp@") for n in names)
-        else:
-            stale = owner.group(1) == host and not _pid_alive(int(owner.group(2)))
-        if stale:
-            _remove(path)
-        else:
-            left.append(path)
-    return left
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
+# ---- folders ---------------------------------------------------------------------------------------
+def check_inside_run(folder: Path, root: Path) -> None:
+    """Refuse a folder of the run that is reached through a symbolic link: writing there (and removing
+    stray shards there) would act on files outside the run, or on another stage's."""
+    folder, root = Path(folder), Path(root)
+    if not folder.is_relative_to(root):
+        return  # a path given explicitly (eval --out DIR)
+    want = root.resolve() / folder.relative_to(root)
+    if folder.resolve() != want:
+        raise ShardError(f"{folder}: leads to {folder.resolve()} through a symbolic link; a run's folders "
+                         "must be real folders inside it (remove the link and rerun)")
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------
@@ -146,9 +99,11 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
+        honour_umask(tmp_path)
         write(tmp_path)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        remember(tmp_path)  # hashed once, while in the page cache; the rename keeps its inode
         os.replace(tmp_path, path)
     except BaseException as exc:
         if tmp_path is not None:
@@ -184,27 +139,6 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def file_digest(path: Path, root: Path | None = None) -> dict[str, Any]:
-    path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
-    return {"path": name, "size": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def folder_digest(folder: Path) -> str:
-    """One hash over every file of a folder (names and contents), e.g. a policy."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(file_digest(p)["sha256"].encode())
-    return h.hexdigest()[:16]
 
 
 # ---- reading -----------------------------------------------------------------------------------------
@@ -274,10 +208,10 @@ def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
     """The shards of a finished stage folder, in order, for the stage that reads it.
 
     A folder a stage wrote (it has ``_locks/`` or ``_manifest/``) must be finished: shards 0 ..
-    num_shards-1 (as its manifests record), each with its manifest and the size recorded there.
-    Otherwise a one-line error names what is missing and `writer`, the command that finishes it; a
-    partly written input is never processed as if it were whole. A folder of shards made by hand (no
-    manifests, no locks) is taken as it is.
+    num_shards-1 (as its manifests record), each with its manifest, and each shard's bytes the size and
+    sha256 recorded there. Otherwise a one-line error names what is missing or damaged and `writer`,
+    the command that finishes or recomputes it; a partly written or damaged input is never processed.
+    A folder of shards made by hand (no manifests, no locks) is taken as it is.
     """
     stage_dir = Path(stage_dir)
     files = list_shard_files(stage_dir)
@@ -286,20 +220,28 @@ def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
         if not files:
             raise ShardError(f"{stage_dir}: no shards (run `{writer}` first)")
         return files
-    counts, done = set(), []
+    counts, done, bad = set(), [], []
     for index in sorted({int(p.name[6:11]) for p in files} | {
             int(p.name[6:11]) for p in man_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")}):
-        try:
-            manifest = json.loads(manifest_path(stage_dir, index).read_text())
-            size = shard_path(stage_dir, index).stat().st_size
-        except (OSError, json.JSONDecodeError):
+        out, man = shard_path(stage_dir, index), manifest_path(stage_dir, index)
+        if not out.exists() or not man.exists():
             continue
-        counts.add(manifest.get("num_shards"))
-        if manifest.get("output", {}).get("size") == size:
-            done.append(index)
+        manifest, why = read_manifest(man)
+        if manifest is None:
+            bad.append(f"{man}: not a manifest ({why}); run `{writer}` to recompute its shard")
+            continue
+        counts.add(manifest["num_shards"])
+        if manifest["output"]["size"] != out.stat().st_size:
+            continue  # written after its manifest (a recompute under way) or truncated: not finished
+        if (why := problem(out, manifest["output"])) is not None:
+            bad.append(damaged(out, why, writer))
+            continue
+        done.append(index)
+    if bad:
+        raise ShardError(bad[0] + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else ""))
     if not done:
         raise ShardError(f"{stage_dir}: no shard is finished yet (run `{writer}` first)")
-    if len(counts) != 1 or not isinstance(next(iter(counts)), int):
+    if len(counts) != 1:
         raise ShardError(f"{stage_dir}: manifests disagree on num_shards ({sorted(counts, key=str)}); "
                          f"rerun `{writer}`")
     (num,) = counts
@@ -385,6 +327,7 @@ class ShardJob:
     index: int
     inputs: list[Path]
     compute: Callable[[], tuple[pa.Table, dict[str, Any]]]
+    outputs: list[Path] = field(default_factory=list)  # files compute() writes beside the shard
 
 
 @dataclass
@@ -395,21 +338,27 @@ class StageResult:
     not_mine: list[int] = field(default_factory=list)
 
 
-def is_done(stage_dir: Path, index: int, inputs: list[Path], cfg_hash: str, root: Path) -> bool:
-    out, man = shard_path(stage_dir, index), manifest_path(stage_dir, index)
-    if not out.exists() or not man.exists():
+def is_done(stage_dir: Path, index: int, inputs: list[Path], cfg_hash: str, root: Path,
+            outputs: list[Path] = ()) -> bool:
+    """The shard and its manifest exist, the manifest is whole, its config hash and input digests
+    match, and the shard (and each file in `outputs`, written beside it) has the size and sha256 the
+    manifest records. A damaged shard or manifest is not done: the caller recomputes it."""
+    stage_dir = Path(stage_dir)
+    out = shard_path(stage_dir, index)
+    if not out.exists():
         return False
-    try:
-        manifest = json.loads(man.read_text())
-    except (json.JSONDecodeError, OSError):
+    manifest, _ = read_manifest(manifest_path(stage_dir, index))
+    if manifest is None or manifest["config_hash"] != cfg_hash:
         return False
-    if manifest.get("config_hash") != cfg_hash:
+    extra = manifest.get("outputs", [])
+    if sorted(r["path"] for r in extra) != sorted(str(Path(p).relative_to(stage_dir)) for p in outputs):
         return False
-    if manifest.get("output", {}).get("size") != out.stat().st_size:
+    files = [(out, manifest["output"]), *((stage_dir / r["path"], r) for r in extra)]
+    if any(not p.is_file() or p.stat().st_size != r["size"] for p, r in files):
         return False
     recorded = [(i["path"], i["size"], i["sha256"]) for i in manifest.get("inputs", [])]
     current = [(d["path"], d["size"], d["sha256"]) for d in (file_digest(p, root) for p in inputs)]
-    return recorded == current
+    return recorded == current and all(problem(p, r) is None for p, r in files)
 
 
 def engine_versions(*names: str) -> dict[str, str]:
@@ -452,6 +401,7 @@ def run_shards(
 
     console = Console(stderr=True, quiet=quiet)
     stage_dir = Path(stage_dir)
+    check_inside_run(stage_dir, root)
     stage_dir.mkdir(parents=True, exist_ok=True)
     leftovers = remove_stale_temps(stage_dir) + remove_stale_temps(stage_dir / "_manifest")
     # shards that no job writes any more (a changed config cut the stage into fewer shards)
@@ -477,8 +427,8 @@ def run_shards(
             # temporaries of this shard are stale, whoever wrote them: only the lock holder writes it
             for name in (shard_name(job.index), f"shard-{job.index:05d}.json"):
                 for path in [p for p in leftovers if p.name.startswith(f".{name}.tmp@")]:
-                    _remove(path)
-            if not force and is_done(stage_dir, job.index, job.inputs, cfg_hash, root):
+                    remove_path(path)
+            if not force and is_done(stage_dir, job.index, job.inputs, cfg_hash, root, job.outputs):
                 result.skipped_done.append(job.index)
                 continue
             inputs = [file_digest(p, root) for p in job.inputs]
@@ -492,7 +442,8 @@ def run_shards(
                 "shard": job.index,
                 "num_shards": len(jobs),
                 "inputs": inputs,
-                "output": {"path": out.name, "size": out.stat().st_size},
+                "output": file_digest(out, stage_dir),
+                "outputs": [file_digest(p, stage_dir) for p in job.outputs],
                 "config_hash": cfg_hash,
                 "config_keys": sorted(config_keys),
                 "engines": engines or engine_versions("pyarrow"),

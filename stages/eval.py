@@ -19,7 +19,13 @@ math-verify (the verify stage's pool and rules) and writes, into the eval folder
   written by whichever worker finds every shard done (and present only then); `scope status` shows
   the first set's greedy accuracy;
 - ``training.parquet`` (rounds >= 1): what round R's stages recorded, eval_set = "train"
-  (scope_cli.metrics.training_metrics).
+  (scope_cli.metrics.training_metrics);
+- ``_manifest/summary.json``, written last: both files' sizes and sha256 and what they were computed
+  from. The two are one unit: the eval is done (scope_cli.rounds.eval_done) only once it exists, so a
+  kill between them leaves an eval that the next run finishes.
+
+Each set's shard manifest records its per-sample tables beside the shard; the eval sets and the
+policy are checked against their manifests before they are used.
 
 Metrics (scope_cli/metrics.py): greedy_acc; avg@1; pass@k and maj@k for k in eval.ks up to
 eval.n_samples; accuracy by difficulty (``greedy_acc[difficulty=3]``, ``avg@1[difficulty=3]``);
@@ -50,13 +56,26 @@ from scope_cli.backends.generation import (
 from scope_cli.backends.verifier import Verifier, check_answers
 from scope_cli.config import Config, config_hash
 from scope_cli.errors import ScopeError
+from scope_cli.jsonfile import json_object
+from scope_cli.manifests import (
+    damaged,
+    manifest_files,
+    problem,
+    read_manifest,
+    record_lists_problem,
+    repair_command,
+    vouched,
+)
 from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table, training_metrics
-from scope_cli.policy import check_policy_folder, policy_hash
+from scope_cli.policy import check_policy_folder, policy_hash, verify_policy
 from scope_cli.runs import Run, RunError, policy_complete, row_seed
 from scope_cli.schema import EVAL_SUMMARY, PROMPTS, conform
 from scope_cli.shards import (
     ShardJob,
+    check_inside_run,
+    complete_shards,
     engine_versions,
+    file_digest,
     folder_digest,
     is_done,
     list_shard_files,
@@ -64,6 +83,7 @@ from scope_cli.shards import (
     read_shard,
     run_shards,
     shard_path,
+    write_json_atomic,
     write_parquet_atomic,
 )
 from scope_cli.tasks import get_task, prompt_text
@@ -148,8 +168,24 @@ def remove_stale(out_dir: Path, names: list[str]) -> None:
 
 
 # ---- one set ------------------------------------------------------------------------------------------
+def check_eval_set(run: Run, path: Path) -> None:
+    """An eval set is what eval-sets/_manifest.json records (size and sha256). Sets without a manifest
+    (made by hand) or not listed in it are taken as they are."""
+    marker = run.eval_sets_dir / "_manifest.json"
+    if not marker.exists():
+        return
+    data, why = json_object(marker)
+    why = why or record_lists_problem(data, "files")
+    if why is not None:
+        raise EvalError(f"{marker}: {why}; run `scope prepare` to write the eval sets again")
+    rec = {r["path"]: r for r in data.get("files", [])}.get(path.name)
+    if rec is not None and (why := problem(path, rec)) is not None:
+        raise EvalError(damaged(path, why, "scope prepare"))
+
+
 def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
     path = run.eval_sets_dir / f"{name}.parquet"
+    check_eval_set(run, path)
     rows = read_shard(path, PROMPTS).to_pylist()
     if run.config.eval.limit:
         rows = rows[:run.config.eval.limit]
@@ -223,6 +259,59 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
     return summary_table(round_, policy, eval_set, metrics), counters
 
 
+# ---- the summary: one unit ------------------------------------------------------------------------------
+SUMMARY_FILES = ("summary.parquet", "training.parquet")
+
+
+def summary_manifest(out_dir: Path) -> Path:
+    return Path(out_dir) / "_manifest" / "summary.json"
+
+
+def training_sources(run: Run, round_: int) -> list[Path]:
+    """What training.parquet is computed from (round R's verified, located and rectified shards and
+    train metrics), each checked against its manifest."""
+    files = []
+    for folder, writer in (("verified", "verify"), ("located", "locate-error"), ("rectified", "rectify")):
+        if list_shard_files(run.stage_dir(round_, folder)):
+            files += complete_shards(run.stage_dir(round_, folder), f"scope {writer} --round {round_}")
+    metrics = run.train_dir(round_) / "metrics.parquet"
+    if metrics.exists():
+        why = vouched(metrics, manifest_path(run.train_dir(round_), 0), run.root,
+                      f"scope train-step --round {round_}")
+        if why is not None:
+            raise EvalError(why)
+        files.append(metrics)
+    return files
+
+
+def summary_done(out_dir: Path, inputs: list[Path], cfg_hash: str, root: Path) -> bool:
+    """The summary manifest is whole, its files match it, and they were made from `inputs`."""
+    m, _ = read_manifest(summary_manifest(out_dir))
+    if m is None or m["config_hash"] != cfg_hash:
+        return False
+    if any(problem(p, r) is not None for p, r in manifest_files(m, out_dir, root)):
+        return False
+    return m.get("inputs") == [file_digest(p, root) for p in inputs]
+
+
+def write_summary(run: Run, out_dir: Path, jobs: list[ShardJob], inputs: list[Path], cfg_hash: str,
+                  train: dict[str, float] | None, round_: int, policy: str) -> None:
+    """summary.parquet, training.parquet (with `train`), then the manifest that makes them done."""
+    summary_manifest(out_dir).unlink(missing_ok=True)  # not done until both are rewritten
+    tables = [read_shard(shard_path(out_dir, j.index), EVAL_SUMMARY) for j in jobs]
+    write_parquet_atomic(conform(pa.concat_tables(tables), EVAL_SUMMARY), out_dir / SUMMARY_FILES[0])
+    outputs = []
+    if train:
+        write_parquet_atomic(summary_table(round_, policy, "train", train), out_dir / SUMMARY_FILES[1])
+        outputs.append(file_digest(out_dir / SUMMARY_FILES[1], out_dir))
+    else:
+        (out_dir / SUMMARY_FILES[1]).unlink(missing_ok=True)
+    write_json_atomic({"stage": "eval", "config_hash": cfg_hash, "num_shards": 1,
+                       "inputs": [file_digest(p, run.root) for p in inputs],
+                       "output": file_digest(out_dir / SUMMARY_FILES[0], out_dir), "outputs": outputs},
+                      summary_manifest(out_dir))
+
+
 # ---- the stage ------------------------------------------------------------------------------------------
 def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None, out_dir: Path | None = None,
              force: bool = False, worker: tuple[int, int] = (0, 1), quiet: bool = False,
@@ -245,6 +334,9 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
         policy_dir = Path(policy)
         check_policy_folder(policy_dir)
         out_dir = Path(out_dir) if out_dir is not None else run.root / f"eval-{policy_dir.name}"
+    check_inside_run(out_dir, run.root)
+    repair = (repair_command(policy_dir.relative_to(run.root)) if policy_dir.is_relative_to(run.root)
+              else f"write {policy_dir} again")
     summary_round = -1 if round_ is None else round_
     for k in cfg.eval.ks:
         if k < 1:
@@ -254,6 +346,7 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
     state: dict[str, Any] = {"engine": engine, "verifier": verifier}
 
     def compute(name: str) -> tuple[pa.Table, dict[str, Any]]:
+        verify_policy(policy_dir, repair)  # hashed once per process
         if state["engine"] is None:
             state["engine"] = open_policy_engine(run.config, policy_dir)
         elif Path(state["engine"].policy) != policy_dir:
@@ -263,15 +356,12 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
         return eval_one_set(run, name, state["engine"], state["verifier"], out_dir, summary_round,
                             policy_dir.name)
 
-    jobs = [ShardJob(i, [run.eval_sets_dir / f"{name}.parquet"], (lambda name=name: compute(name)))
+    modes = [m for m in MODES if m != "greedy" or cfg.eval.greedy]
+    jobs = [ShardJob(i, [run.eval_sets_dir / f"{name}.parquet"], (lambda name=name: compute(name)),
+                     [samples_path(out_dir, name, m) for m in modes])
             for i, name in enumerate(names)]
     cfg_hash = stage_hash(cfg, policy_key, names)
     remove_stale(out_dir, names)
-    modes = [m for m in MODES if m != "greedy" or cfg.eval.greedy]
-    for job, name in zip(jobs, names):  # a set whose per-sample tables are gone is not done
-        if job.index % worker[1] == worker[0] and not all(
-                samples_path(out_dir, name, m).exists() for m in modes):
-            manifest_path(out_dir, job.index).unlink(missing_ok=True)
 
     head = "greedy" if cfg.eval.greedy else "sampled"
     headline = {"label": f"{names[0]} {'greedy acc' if cfg.eval.greedy else 'avg@1'}",
@@ -291,19 +381,20 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
     result = {"dir": out_dir, "policy": policy_dir, "computed": [names[i] for i in done.computed],
               "skipped": [names[i] for i in done.skipped_done], "summary": None, "metrics": {}}
 
-    if not all(is_done(out_dir, j.index, j.inputs, cfg_hash, run.root) for j in jobs):
-        (out_dir / "summary.parquet").unlink(missing_ok=True)  # it would describe other shards
-    else:
-        tables = [read_shard(shard_path(out_dir, j.index), EVAL_SUMMARY) for j in jobs]
-        summary = conform(pa.concat_tables(tables), EVAL_SUMMARY)
-        write_parquet_atomic(summary, out_dir / "summary.parquet")
-        result["summary"] = out_dir / "summary.parquet"
-        for row in summary.to_pylist():
-            result["metrics"].setdefault(row["eval_set"], {})[row["metric"]] = row["value"]
-        if policy is None and round_ is not None and round_ >= 1:
-            train = training_metrics(run, round_)
-            if train:
-                write_parquet_atomic(summary_table(round_, policy_dir.name, "train", train),
-                                     out_dir / "training.parquet")
-                result["metrics"]["train"] = train
+    if not all(is_done(out_dir, j.index, j.inputs, cfg_hash, run.root, j.outputs) for j in jobs):
+        summary_manifest(out_dir).unlink(missing_ok=True)  # first: the unit is incomplete from here on
+        for name in SUMMARY_FILES:  # they would describe other shards
+            (out_dir / name).unlink(missing_ok=True)
+        return result
+    train_round = policy is None and round_ is not None and round_ >= 1
+    inputs = [shard_path(out_dir, j.index) for j in jobs]
+    inputs += training_sources(run, round_) if train_round else []
+    if not summary_done(out_dir, inputs, cfg_hash, run.root):
+        train = training_metrics(run, round_) if train_round else None
+        write_summary(run, out_dir, jobs, inputs, cfg_hash, train, summary_round, policy_dir.name)
+    result["summary"] = out_dir / SUMMARY_FILES[0]
+    for name in SUMMARY_FILES:
+        if (out_dir / name).exists():
+            for row in read_shard(out_dir / name, EVAL_SUMMARY).to_pylist():
+                result["metrics"].setdefault(row["eval_set"], {})[row["metric"]] = row["value"]
     return result

@@ -40,7 +40,8 @@ from scope_cli.backends.generation import (
     resolve_backend,
 )
 from scope_cli.config import config_hash
-from scope_cli.policy import policy_hash
+from scope_cli.manifests import repair_command
+from scope_cli.policy import policy_hash, verify_policy
 from scope_cli.runs import Run, row_seed
 from scope_cli.schema import ROLLOUTS, conform
 from scope_cli.shards import (
@@ -149,6 +150,7 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
     bars = _Progress(quiet)
 
     def backend() -> GenerationBackend:
+        verify_policy(policy_dir, repair_command(policy_dir.name))  # hashed once per process
         if state["engine"] is None:
             state["engine"] = open_policy_engine(run.config, policy_dir)
         elif Path(state["engine"].policy).resolve() != policy_dir.resolve():

@@ -32,11 +32,13 @@ import pyarrow.parquet as pq
 
 from scope_cli.config import config_hash
 from scope_cli.errors import ScopeError
-from scope_cli.jsonfile import read_json_object
 from scope_cli.runs import Run, check_round_size, policy_complete
 from scope_cli.schema import PROMPTS, conform
+from scope_cli.manifests import json_object, problems, record_lists_problem, records
 from scope_cli.shards import (
     ShardJob,
+    check_inside_run,
+    is_done,
     list_shard_files,
     manifest_path,
     remove_stale_temps,
@@ -324,9 +326,16 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         Path(cfg.prepare.source)]
     source_files = [f for s in sources for f in ([s] if s.is_file() else sorted(p for p in s.rglob("*") if p.is_file()))]
     done_marker = run.root / "eval-sets" / "_manifest.json"
+    check_inside_run(run.eval_sets_dir, run.root)
     prompt_files = list_shard_files(run.prompts_dir)
-    already = (not force and done_marker.exists() and prompt_files and
-               read_json_object(done_marker).get("config_hash") == cfg_hash)
+    # done: a whole marker with this config hash, the eval sets it records and the prompt shards
+    # intact (a damaged marker, set or shard is rebuilt, to the same bytes)
+    marker, _ = json_object(done_marker)
+    already = (not force and marker is not None and prompt_files and marker.get("config_hash") == cfg_hash
+               and record_lists_problem(marker, "files") is None and "files" in marker
+               and not problems(marker["files"], run.eval_sets_dir)
+               and all(is_done(run.prompts_dir, i, source_files, cfg_hash, run.root)
+                       for i in range(len(prompt_files))))
     summary: dict[str, Any] = {}
     if not already:
         train, evals, counts = build_tables(cfg)
@@ -349,9 +358,10 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
         for name, rows in evals.items():
             write_parquet_atomic(to_table(rows), run.eval_sets_dir / f"{name}.parquet")
         summary = {"prompts": len(train), **{f"eval:{k}": len(v) for k, v in evals.items()}, **counts}
-        write_json_atomic({"config_hash": cfg_hash, **summary}, done_marker)
+        files = records([run.eval_sets_dir / f"{name}.parquet" for name in evals], run.eval_sets_dir)
+        write_json_atomic({"config_hash": cfg_hash, **summary, "files": files}, done_marker)
     else:
-        summary = {k: v for k, v in read_json_object(done_marker).items() if k != "config_hash"}
+        summary = {k: v for k, v in marker.items() if k not in ("config_hash", "files")}
         summary["skipped"] = "already prepared"
 
     copy_policy(Path(cfg.policy.path), run.policy_dir(0), {"round": 0}, code=cfg.policy.trust_remote_code)

@@ -8,7 +8,9 @@
 Reads round-R/rectified/ (every shard), policy-(R-1) and round-(R-1)/train/state/ (optimizer moments,
 global update count); writes round-R/train/state/, round-R/train/metrics.parquet (one row per
 update, schema TRAIN_METRICS), policy-R/ and, last, round-R/train/_manifest/shard-00000.json (timings,
-input digests, config hash). A finished train-step (policy complete, manifest matching) is skipped.
+config hash, the inputs' and outputs' sizes and sha256). A finished train-step (policy complete,
+manifest matching, every output intact) is skipped; the input policy and train state are checked
+against their manifests before they are used.
 
 What it does, in order:
 1. The round batch (scope_cli/train_batch.py): rows with in_batch; rows whose verify_status is
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +55,22 @@ import torch
 
 from scope_cli import objectives as obj
 from scope_cli.config import config_hash
+from scope_cli.manifests import (
+    damaged,
+    manifest_files,
+    problem,
+    problems,
+    pruned,
+    read_manifest,
+    records,
+    repair_command,
+)
 from scope_cli.models import load_policy, save_policy
-from scope_cli.runs import Run, policy_complete
+from scope_cli.policy import policy_problem, verify_policy
+from scope_cli.runs import POLICY_MARKER, Run, policy_complete
 from scope_cli.schema import TRAIN_METRICS, conform
 from scope_cli.shards import (
+    check_inside_run,
     complete_shards,
     engine_versions,
     file_digest,
@@ -100,17 +115,17 @@ def stage_inputs(run: Run, round_: int) -> list[Path]:
 
 
 def is_done(run: Run, round_: int, cfg_hash: str) -> bool:
-    import json
-
-    man = manifest_path(run.train_dir(round_), 0)
-    metrics = run.train_dir(round_) / METRICS_FILE
-    if not (policy_complete(run.policy_dir(round_)) and man.exists() and metrics.exists()):
+    """Policy complete, manifest whole with this config hash, every output (metrics, train state, the
+    policy's marker and files) the size and sha256 recorded, and the inputs unchanged. Damaged: not
+    done (rerunning recomputes it, to the same bytes on CPU)."""
+    train_dir = run.train_dir(round_)
+    if not policy_complete(run.policy_dir(round_)):
         return False
-    try:
-        m = json.loads(man.read_text())
-    except (json.JSONDecodeError, OSError):
+    m, _ = read_manifest(manifest_path(train_dir, 0))
+    if m is None or m["config_hash"] != cfg_hash or "policy_marker" not in m:
         return False
-    if m.get("config_hash") != cfg_hash or m.get("output", {}).get("size") != metrics.stat().st_size:
+    files = [(p, r) for p, r in manifest_files(m, train_dir, run.root) if not pruned(p, run.root)]
+    if any(not p.is_file() or p.stat().st_size != r["size"] for p, r in files):
         return False
     # the previous policy and train state may since have been pruned (run.keep_policies /
     # keep_state): a missing one still counts as matching; every input that exists must match
@@ -125,7 +140,25 @@ def is_done(run: Run, round_: int, cfg_hash: str) -> bool:
             current[name] = (x["size"], x["sha256"])
         elif name in prunable:
             current[name] = recorded.get(name)
-    return current == recorded
+    return (current == recorded and all(problem(p, r) is None for p, r in files)
+            and policy_problem(run.policy_dir(round_)) is None)
+
+
+def check_inputs(run: Run, round_: int, in_policy: Path) -> None:
+    """The input policy's files and the previous round's train state are what their manifests record
+    (a damaged one is named, with the command that writes it again)."""
+    verify_policy(in_policy, repair_command(in_policy.name))
+    if round_ < 2:
+        return
+    prev = run.train_dir(round_ - 1)
+    repair = f"scope train-step --round {round_ - 1}"
+    m, why = read_manifest(manifest_path(prev, 0))
+    if m is None:
+        raise TrainError(f"{manifest_path(prev, 0)}: {why}, so round {round_ - 1}'s train state is "
+                         f"not vouched for; run `{repair}`")
+    bad = problems([r for r in m.get("outputs", []) if r["path"].startswith("state/")], prev)
+    if bad:
+        raise TrainError(damaged(*bad[0], repair))
 
 
 def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
@@ -135,6 +168,7 @@ def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int,
     The main process holds a lock on the round's train folder (``train/_locks/``, an flock the kernel
     releases when the process dies): a second train-step of the same round is refused while one runs,
     and whatever a killed one left half-written (temporary policy and state folders) is removed."""
+    check_inside_run(run.train_dir(round_), run.root)
     main = os.environ.get("RANK", "0") == "0"
     lock = shard_lock(run.train_dir(round_), 0) if main else contextlib.nullcontext(True)
     with lock as held:
@@ -163,14 +197,26 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     if round_ > 1 and not (run.train_dir(round_ - 1) / "state" / "trainer.json").exists():
         raise TrainError(f"{run.train_dir(round_ - 1) / 'state'}: train state of round {round_ - 1} "
                          "missing (run that round's train-step first)")
+    # the inputs' digests (the main process: 91 GB at 7B), in a thread while the model loads; checked
+    # before the train state is read or anything is trained
+    checked = None
+    if os.environ.get("RANK", "0") == "0":
+        checking = ThreadPoolExecutor(1)
+        checked = checking.submit(check_inputs, run, round_, in_policy)
+        checking.shutdown(wait=False)
     set_threads(t.threads)
     d = init_dist()
     console = Console(stderr=True, quiet=quiet or not d.main)
     start = time.perf_counter()
 
     # 1. the round batch and its advantages (every process reads all of it)
-    model, tok = load_policy(in_policy, dtype="float32", device=str(d.device),
-                             trust_remote_code=cfg.policy.trust_remote_code)
+    try:
+        model, tok = load_policy(in_policy, dtype="float32", device=str(d.device),
+                                 trust_remote_code=cfg.policy.trust_remote_code)
+    except Exception:
+        if checked is not None:
+            checked.result()  # a damaged input says more than the load error it causes
+        raise
     table = read_stage(run.stage_dir(round_, "rectified"), NEEDED)
     rows, counts = build_batch(table, cfg, in_policy.name, model.config.max_position_embeddings,
                                tok.eos_token_id)
@@ -182,6 +228,8 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
                        activation_checkpointing=t.activation_checkpointing)
     model.train()
     opt = make_optimizer(model, t.lr, t.betas, t.weight_decay)
+    if checked is not None:
+        checked.result()
     if round_ > 1:  # optimizer moments, update count and the RNG state carry over rounds
         state = load_train_state(run.train_dir(round_ - 1) / "state", model, opt)
     else:  # the first round starts the RNG from the run's seed, never from the process's history
@@ -238,6 +286,11 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     # 4. commit: state and metrics, then the policy (atomic rename), then the manifest
     info = {"updates": updates, "round": round_, "world_size": d.world, "fsdp": t.fsdp}
     save_train_state(train_dir / "state", model, opt, info, d)
+    if d.main:  # the state's digests, in a thread while the policy is gathered and saved
+        hashing = ThreadPoolExecutor(1)
+        state_records = hashing.submit(records, sorted(p for p in (train_dir / "state").iterdir()
+                                                      if p.is_file()), train_dir, True)
+        hashing.shutdown(wait=False)  # the thread ends with its one task
     weights = full_state_dict(model)
     if d.main:
         write_parquet_atomic(conform(pa.Table.from_pylist(metrics, schema=TRAIN_METRICS),
@@ -250,7 +303,9 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
         write_json_atomic({
             "stage": "train-step", "shard": 0, "num_shards": 1,
             "inputs": [file_digest(p, run.root) for p in inputs],
-            "output": {"path": METRICS_FILE, "size": (train_dir / METRICS_FILE).stat().st_size},
+            "output": file_digest(train_dir / METRICS_FILE, train_dir),
+            "outputs": state_records.result(),
+            "policy_marker": file_digest(out_policy / POLICY_MARKER, run.root),
             "config_hash": cfg_hash, "config_keys": sorted(CONFIG_KEYS),
             "engines": engine_versions("torch", "transformers"),
             "rows": counts["rows_trained"], "seconds": round(seconds, 4),

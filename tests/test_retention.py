@@ -9,7 +9,7 @@ import pytest
 from scope_cli.config import ConfigError, load_config
 from scope_cli.rounds import bring_to_round, policy_pruned, prune_checkpoints, round_done
 from scope_cli.runs import Run, mark_policy_complete, policy_complete
-from scope_cli.shards import manifest_path
+from scope_cli.shards import file_digest, manifest_path, write_json_atomic
 
 
 def fake_run(tmp_path, last: int, overrides: list[str], evaluated: tuple[int, ...] = ()) -> Run:
@@ -28,9 +28,17 @@ def fake_run(tmp_path, last: int, overrides: list[str], evaluated: tuple[int, ..
             manifest_path(run.train_dir(r), 0).parent.mkdir(parents=True, exist_ok=True)
             manifest_path(run.train_dir(r), 0).write_text(json.dumps({"stage": "train-step"}))
     for r in evaluated:
-        run.eval_dir(r).mkdir(parents=True, exist_ok=True)
-        (run.eval_dir(r) / "summary.parquet").write_bytes(b"e")
+        fake_eval(run, r)
     return run
+
+
+def fake_eval(run: Run, r: int) -> None:
+    """A finished eval: summary.parquet and the summary manifest that vouches for it."""
+    run.eval_dir(r).mkdir(parents=True, exist_ok=True)
+    (run.eval_dir(r) / "summary.parquet").write_bytes(b"e")
+    write_json_atomic({"config_hash": "h", "output": file_digest(run.eval_dir(r) / "summary.parquet",
+                                                                 run.eval_dir(r))},
+                      run.eval_dir(r) / "_manifest" / "summary.json")
 
 
 def kept_policies(run: Run) -> list[int]:
@@ -60,8 +68,7 @@ def test_a_policy_whose_eval_is_pending_is_kept(tmp_path):
     run = fake_run(tmp_path, 6, ["run.keep_policies=1", "eval.every=5"], evaluated=(0,))
     prune_checkpoints(run, target=6)
     assert kept_policies(run) == [0, 5, 6]  # round 5's eval has not run yet
-    (run.eval_dir(5)).mkdir(parents=True)
-    (run.eval_dir(5) / "summary.parquet").write_bytes(b"e")
+    fake_eval(run, 5)
     prune_checkpoints(run, target=6)
     assert kept_policies(run) == [0, 6]
 
@@ -82,7 +89,7 @@ def test_retention_keys_are_operational_and_non_negative(tmp_path):
     run = Run.open(tmp_path / "r", None, [], create=True)
     again = Run.open(tmp_path / "r", None, ["run.keep_policies=3", "run.keep_state=2"])  # no --force
     assert again.config.run.keep_policies == 3
-    with pytest.raises(ConfigError, match="run.keep_every: expected 0 \\(off\\) or a positive number"):
+    with pytest.raises(ConfigError, match="run.keep_every: got -1, expected 0 \\(none\\) or an integer >= 1"):
         load_config(None, ["run.keep_every=-1"])
     assert run.config.run.keep_state == 1
 

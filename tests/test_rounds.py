@@ -93,6 +93,7 @@ def test_round_needs_a_base_policy(tmp_path):
     from scope_cli.errors import ScopeError
 
     run = Run.open(tmp_path / "r", None, [*TINY, f"policy.path={tmp_path / 'none'}"], create=True)
-    prepare(run, quiet=True)
+    with pytest.raises(ScopeError, match="policy.path: .*policy folder does not exist"):
+        prepare(run, quiet=True)  # refused before writing anything
     with pytest.raises(ScopeError, match="no base policy"):
         bring_to_round(run, 1, quiet=True, isolate=False)

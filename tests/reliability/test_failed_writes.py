@@ -10,6 +10,7 @@ shard-level failed write is also tests/test_shards.py::test_failed_write_leaves_
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 
 import pytest
@@ -127,18 +128,25 @@ def test_incomplete_policy_is_never_used(reference, tmp_path):
 
 def test_damaged_complete_policy_is_refused(reference, tmp_path):
     """A policy marked complete whose weights were damaged afterwards (disk fault, a bad copy): the
-    stage that loads it stops with one line naming the folder; nothing is sampled from it."""
+    stage that reads it stops with one line naming the file (its size or sha256 differs from what the
+    policy's marker records) and the command that writes it again; nothing is sampled from it. A
+    policy from elsewhere, whose marker records no files, is refused when it fails to load."""
     root = copy_run(reference["root"], tmp_path / "run")
     weights = Run.open(root).policy_dir(1) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     res = cli("generate", "--round", "2", "--run", str(root))
-    one_line_error(res, "policy-001: cannot load the model", "SafetensorError")
+    one_line_error(res, "policy-001/model.safetensors: 1000 bytes where its manifest records",
+                   "run `scope train-step --round 1`")
     assert list_shard_files(Run.open(root).stage_dir(2, "rollouts")) == []
+    marker = Run.open(root).policy_dir(1) / "scope-policy.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
+    res = cli("generate", "--round", "2", "--run", str(root))
+    one_line_error(res, "policy-001: cannot load the model", "SafetensorError")
 
 
 def test_damaged_train_state_is_refused(reference, tmp_path):
     """Round 1's optimizer state damaged: round 2's train-step refuses it (one line, what to rerun) and
-    writes no policy; after `train-step --round 1 --force` rewrites it, round 2 trains."""
+    writes no policy; after `train-step --round 1` rewrites it (the same bytes), round 2 trains."""
     root = copy_run(reference["root"], tmp_path / "run")
     run = Run.open(root)
     for stage in ("generate", "verify", "prm-score", "locate-error", "rectify"):
@@ -147,9 +155,10 @@ def test_damaged_train_state_is_refused(reference, tmp_path):
     good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])
     res = cli("train-step", "--round", "2", "--run", str(root), "--quiet")
-    one_line_error(res, "optimizer.safetensors: unreadable optimizer state", "--force")
+    one_line_error(res, "state/optimizer.safetensors: ", "bytes where its manifest records",
+                   "run `scope train-step --round 1`")
     assert not run.policy_dir(2).exists()
-    assert cli("train-step", "--round", "1", "--run", str(root), "--quiet", "--force").exit_code == 0
+    assert cli("train-step", "--round", "1", "--run", str(root), "--quiet").exit_code == 0
     assert state.read_bytes() == good
     assert cli("train-step", "--round", "2", "--run", str(root), "--quiet").exit_code == 0
     assert (run.policy_dir(2) / "scope-policy.json").exists()

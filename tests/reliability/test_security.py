@@ -1,5 +1,6 @@
 """Security: no code runs from model folders unless asked, weights only from safetensors, nothing
-unpickled, no shell command built from data, no file name taken from data.
+unpickled, no shell command built from data, no file name taken from data, no write or delete through
+a symbolic link out of the run, and a run's files as readable as the umask says.
 
 The static checks read the project's code (scope_cli/, stages/, bench/, scripts/) with `ast`, so they
 fail the moment a forbidden call is added, whatever the comments say.
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pickle
 import shlex
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
-from rel_helpers import POLICY, REPO, TINY, copy_run
+from rel_helpers import POLICY, REPO, TINY, copy_run, prepare_args, scope
 from typer.testing import CliRunner
 
 from scope_cli.app import app
@@ -265,3 +268,37 @@ def test_file_names_never_come_from_data(reference, tmp_path):
                         r"(/(_manifest|_locks|state)(/[\w.-]+)?|/[\w.-]+)?)?|policy-001(/[\w.-]+)?)$")
     assert [p for p in new if not layout.match(p)] == []
     assert not (tmp_path.parent / "evil").exists() and not Path("/tmp/abs1").exists()
+
+
+# ---- folders and modes -----------------------------------------------------------------------------
+def test_a_stage_folder_linked_outside_the_run_is_refused(reference, tmp_path):
+    """round-001/verified (and train/) made a symbolic link to a folder elsewhere: the stage refuses
+    it in one line and the stray shard there (which it would remove as left by another config) stays."""
+    root = copy_run(reference["root"], tmp_path / "run")
+    for folder, args in (("verified", ["verify", "--round", "1"]), ("train", ["train-step", "--round", "1"])):
+        outside = tmp_path / f"outside-{folder}"
+        outside.mkdir()
+        (outside / "shard-00009.parquet").write_bytes(b"someone else's file")
+        shutil.rmtree(root / "round-001" / folder)
+        (root / "round-001" / folder).symlink_to(outside)
+        res = CliRunner().invoke(app, [*args, "--run", str(root), "--force"])
+        assert res.exit_code == 2, res.output
+        text = res.output.strip()
+        assert len(text.splitlines()) == 1 and f"round-001/{folder}: leads to {outside}" in text, text
+        assert "symbolic link" in text
+        assert sorted(os.listdir(outside)) == ["shard-00009.parquet"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_runs_files_take_the_umask(tmp_path, umask):
+    """prepare and a round (every stage, the policy and train-state folders, eval) under a umask:
+    each file gets 0666 and each folder 0777 minus the umask (022: readable by every user)."""
+    root = tmp_path / "run"
+    set_umask = lambda: os.umask(umask)  # noqa: E731 (runs in the child before exec)
+    scope(*prepare_args(root), preexec_fn=set_umask)
+    scope("round", "1", "--run", str(root), "--quiet", preexec_fn=set_umask)
+    paths = [root, *root.rglob("*")]
+    assert len(paths) > 80 and any(p.suffix == ".safetensors" for p in paths)
+    wrong = [f"{p.relative_to(root)} {stat.filemode(p.stat().st_mode)}" for p in paths
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask]
+    assert wrong == []

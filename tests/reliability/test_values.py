@@ -197,15 +197,17 @@ def test_unreadable_policy_marker_is_one_line(prepared, tmp_path, content):
 
 
 def test_unreadable_generation_config_is_one_line(prepared, tmp_path):
+    """A policy folder (here evaluated with --policy) whose generation_config.json is broken."""
     import shutil
 
-    root = tmp_path / "run"
-    shutil.copytree(prepared, root)
-    (root / "policy-000" / "generation_config.json").write_text("{not json")
-    one_line_error(cli("generate", "--round", "1", "--run", str(root), "--quiet"),
+    bad = tmp_path / "bad-policy"
+    shutil.copytree(POLICY, bad)
+    out = tmp_path / "eval"
+    (bad / "generation_config.json").write_text("{not json")
+    one_line_error(cli("eval", "--run", str(prepared), "--policy", str(bad), "--out", str(out), "--quiet"),
                    "generation_config.json: not valid JSON")
-    (root / "policy-000" / "generation_config.json").write_text('{"eos_token_id": ["x"]}')
-    one_line_error(cli("generate", "--round", "1", "--run", str(root), "--quiet"),
+    (bad / "generation_config.json").write_text('{"eos_token_id": ["x"]}')
+    one_line_error(cli("eval", "--run", str(prepared), "--policy", str(bad), "--out", str(out), "--quiet"),
                    "generation_config.json: eos_token_id")
 
 
