@@ -44,6 +44,11 @@ class RunConfig:
     keep_policies: int = op(0)  # keep the last K policy folders (0: keep all)
     keep_every: int = op(0)  # and every M-th (0: none beyond the last K)
     keep_state: int = op(1)  # keep train state of the last K rounds (0: all)
+    # live curves (scope_cli/loggers.py): each round's train and eval metrics, written after
+    # train-step and eval from their Parquet, stepped by the global optimizer update count.
+    # "tensorboard": event files under runs/<run>/tensorboard/; "wandb": a wandb run (offline unless
+    # WANDB_MODE says otherwise; needs the wandb package); []: none. Operational: files beside the run
+    loggers: list[str] = op(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -162,7 +167,9 @@ class TrainConfig:
     drop_unverified: bool = False
     tis_cap: float = 0.0  # truncated importance correction with the engine's logprobs (0: off)
     micro_batch_tokens: int = op(0)  # rows × longest row per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
-    threads: int = op(1)  # CPU threads for training (0: torch's default); 1 is fastest for tiny models
+    # torch's CPU threads in every command that runs a model (0: torch's default; left alone where
+    # CUDA is used); 1 is fastest for the tiny models
+    threads: int = op(1)
     fsdp: bool = False
     activation_checkpointing: bool = False
     mixed_precision: str = "bf16"  # for FSDP on GPU
@@ -260,6 +267,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("bf16", "fp32"),
     "round.isolate": ("auto", "on", "off"),
 }
+LOGGERS = ("tensorboard", "wandb")  # run.loggers: each one of these
 
 POSITIVE: tuple[str, ...] = (
     "generate.n", "generate.prompts_per_round", "generate.prompts_per_shard", "generate.max_tokens",
@@ -416,6 +424,9 @@ def validate(cfg: Config) -> None:
     for dotted in ("run.keep_policies", "run.keep_every", "run.keep_state"):
         if cfg.get(dotted) < 0:
             raise ConfigError(f"{dotted}: expected 0 (off) or a positive number, got {cfg.get(dotted)!r}")
+    bad = [x for x in cfg.run.loggers if x not in LOGGERS]
+    if bad:
+        raise ConfigError(f"run.loggers: expected a list of {', '.join(LOGGERS)}, got {bad[0]!r}")
     if not 0.0 <= cfg.prm.noise <= 1.0:
         raise ConfigError(f"prm.noise: expected a probability in [0, 1], got {cfg.prm.noise!r}")
     if cfg.generate.prompts_per_shard > cfg.generate.prompts_per_round:
@@ -442,6 +453,25 @@ def to_toml(cfg: Config) -> str:
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def to_toml_marked(cfg: Config, changed_only: bool = False) -> str:
+    """`to_toml(cfg)` with every key whose value differs from the built-in default marked
+    `# default: VALUE` (and `(op)` when operational); `changed_only`: those keys alone."""
+    operational, section, out = operational_keys(), "", []
+    for ours, default in zip(to_toml(cfg).splitlines(), to_toml(Config()).splitlines()):
+        if " = " not in ours:  # a [section] header or the blank line after a section
+            section = ours[1:-1] if ours.startswith("[") else section
+            out.append(ours)
+        elif ours != default:
+            op_note = " (op)" if f"{section}.{ours.partition(' = ')[0]}" in operational else ""
+            out.append(f"{ours}  # default: {default.partition(' = ')[2]}{op_note}")
+        elif not changed_only:
+            out.append(ours)
+    if changed_only:  # sections with no changed key go
+        out = [x for i, x in enumerate(out) if not x.startswith("[") or " = " in (out[i + 1:] or [""])[0]]
+        out = [x for i, x in enumerate(out) if x or (i and out[i - 1])]
+    return "\n".join(out).strip("\n") + "\n"
 
 
 def operational_keys() -> set[str]:

@@ -59,7 +59,7 @@ def load_run(root: Path) -> RunData:
     import polars as pl
 
     from scope_cli.metrics import training_metrics
-    from scope_cli.runs import Run
+    from scope_cli.runs import Run, run_command
 
     root = Path(root)
     run = Run.open(root)
@@ -88,7 +88,8 @@ def load_run(root: Path) -> RunData:
         elif round_ > 0:
             data.training.update({(round_, k): v for k, v in training_metrics(run, round_).items()})
     if not data.summary:
-        raise ReportError(f"{root}: no round-*/eval/summary.parquet (run `scope eval` first)")
+        raise ReportError(f"{root}: no round-*/eval/summary.parquet (run `{run_command(root, 'eval --round 0')}` "
+                          "first)")
     data.entropy.sort()
     return data
 

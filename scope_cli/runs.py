@@ -65,19 +65,25 @@ class Run:
             wanted = load_config(toml_path, overrides, base=from_dict(read_toml(stored), str(stored)))
             changed = differing_keys(base, wanted)
             if changed and not force:
+                shown = ", ".join(f"{k} {_shown(base.get(k))} -> {_shown(wanted.get(k))}" for k in changed)
                 raise ConfigError(
-                    f"{stored}: the run's config is fixed; these keys differ: {', '.join(changed)} "
+                    f"{stored}: the run's config is fixed; these keys differ: {shown} "
                     "(rerun with --force to accept the new config and recompute what depends on them)"
                 )
             if changed or differing_keys(base, wanted, include_operational=True):
                 write_text_atomic(to_toml(wanted), stored)
             return cls(root, wanted)
         if not create:
-            raise RunError(f"{root}: no run here (no config.toml); create it with `scope prepare`")
+            raise RunError(f"{root}: no run here (no config.toml); create it with "
+                           f"`{run_command(root, 'prepare')}`")
         cfg = load_config(toml_path, overrides)
         root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(to_toml(cfg), stored)
         return cls(root, cfg)
+
+    def command(self, args: str) -> str:
+        """A `scope` command line for this run, for error hints: pasted, it targets this run."""
+        return run_command(self.root, args)
 
     # ---- paths -----------------------------------------------------------------------------------
     @property
@@ -117,11 +123,8 @@ class Run:
         path = self.policy_dir(round_ - 1)
         if not policy_complete(path):
             last = self.last_policy_round()
-            hint = (
-                f"the last complete policy is policy-{last:03d}; run round {last + 1} first"
-                if last is not None
-                else "run `scope prepare` first"
-            )
+            hint = (f"the last complete policy is policy-{last:03d}; run `{self.command(f'round {last + 1}')}` "
+                    "first" if last is not None else f"run `{self.command('prepare')}` first")
             raise RunError(f"{path}: policy missing or incomplete ({hint})")
         return path
 
@@ -134,7 +137,7 @@ class Run:
 
         files = list_shard_files(self.prompts_dir)
         if not files:
-            raise ShardError(f"{self.prompts_dir}: no prompt shards; run `scope prepare` first")
+            raise ShardError(f"{self.prompts_dir}: no prompt shards; run `{self.command('prepare')}` first")
         ids: list[str] = []
         for f in files:
             ids.extend(pq.read_table(f, columns=["prompt_id"]).column(0).to_pylist())
@@ -143,6 +146,18 @@ class Run:
     def round_prompt_ids(self, round_: int) -> list[str]:
         return round_slice(self.prompt_ids(), self.config.run.seed, round_,
                            self.config.generate.prompts_per_round)
+
+
+def run_command(root: Path, args: str) -> str:
+    """`scope ARGS --run ROOT` (the folder as a path, quoted for a shell when it needs it)."""
+    import shlex
+
+    return f"scope {args} --run {shlex.quote(str(root))}"
+
+
+def _shown(value: object) -> str:
+    """A config value for messages, as a config file spells it (strings quoted, lists in brackets)."""
+    return json.dumps(value)
 
 
 def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> list[str]:

@@ -68,10 +68,11 @@ def run_status(root: Path) -> list[dict[str, Any]]:
 
 
 def print_status(root: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from scope_cli.console import make_console
+
+    console = make_console()
     root = Path(root)
     if not (root / "config.toml").exists():
         raise ScopeError(f"{root}: no run here (no config.toml)")

@@ -48,6 +48,8 @@ import torch
 
 from scope_cli import objectives as obj
 from scope_cli.config import Config, config_hash
+from scope_cli.console import make_console, progress_bars
+from scope_cli.loggers import log_rounds
 from scope_cli.models import load_policy, save_policy
 from scope_cli.runs import Run, policy_complete
 from scope_cli.schema import RECTIFIED, TRAIN_METRICS, conform
@@ -76,7 +78,6 @@ from scope_cli.training import (
     plan_microbatches,
     response_logits,
     save_train_state,
-    set_threads,
     token_logprobs,
     unwrap,
     wrap_model,
@@ -386,28 +387,31 @@ def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int,
             remove_stale_temps(run.root, [run.policy_dir(round_).name])
             remove_stale_temps(run.train_dir(round_), ["state", METRICS_FILE])
             remove_stale_temps(run.train_dir(round_) / "_manifest", ["shard-00000.json"])
-        return _train_step(run, round_, force=force, quiet=quiet)
+        result = _train_step(run, round_, force=force, quiet=quiet)
+        if main:  # live curves from train/metrics.parquet (run.loggers; never a point twice)
+            log_rounds(run, [round_])
+        return result
 
 
 def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str, Any]:
-    from rich.console import Console
-
     cfg = run.config
     t = cfg.train
     check_sampling(cfg)
     out_policy, train_dir = run.policy_dir(round_), run.train_dir(round_)
     cfg_hash = config_hash(cfg, CONFIG_KEYS)
     if not force and is_done(run, round_, cfg_hash):
+        if os.environ.get("RANK", "0") == "0":
+            make_console(stderr=True, quiet=quiet).print(
+                f"train-step: round {round_}: done earlier, skipped ({out_policy.name})")
         return {"skipped": True, "policy": str(out_policy)}
-    complete_shards(run.stage_dir(round_, "rectified"), f"scope rectify --round {round_}")
+    complete_shards(run.stage_dir(round_, "rectified"), run.command(f"rectify --round {round_}"))
     in_policy = run.input_policy(round_)
     inputs = stage_inputs(run, round_)
     if round_ > 1 and not (run.train_dir(round_ - 1) / "state" / "trainer.json").exists():
         raise TrainError(f"{run.train_dir(round_ - 1) / 'state'}: train state of round {round_ - 1} "
-                         "missing (run that round's train-step first)")
-    set_threads(t.threads)
+                         f"missing (run `{run.command(f'train-step --round {round_ - 1}')}` first)")
     d = init_dist()
-    console = Console(stderr=True, quiet=quiet or not d.main)
+    console = make_console(stderr=True, quiet=quiet or not d.main)
     start = time.perf_counter()
 
     # 1. the round batch and its advantages (every process reads all of it)
@@ -449,11 +453,12 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     rank_tokens = [0] * d.world
     trainable = [r for r in rows if r.tokens > 0]
     t_updates = time.perf_counter()
-    for epoch in range(t.ppo_epochs):
-        perm = np.random.default_rng([cfg.run.seed, round_, epoch]).permutation(len(trainable))
-        for mb, part in enumerate(np.array_split(perm, t.minibatches)):
-            if len(part) == 0:
-                continue
+    parts = [(epoch, mb, part) for epoch in range(t.ppo_epochs) for mb, part in enumerate(np.array_split(
+        np.random.default_rng([cfg.run.seed, round_, epoch]).permutation(len(trainable)), t.minibatches))
+        if len(part)]
+    with progress_bars(quiet or not d.main) as bars:
+        task = bars.add_task(f"train-step round {round_}: updates", total=len(parts), rate="")
+        for epoch, mb, part in parts:
             lr = obj.lr_at(updates, t.lr, t.warmup_updates, t.total_updates, t.lr_min)
             s = update(model, opt, [trainable[i] for i in part], d, cfg, pad, lr)
             updates += 1
@@ -473,6 +478,8 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
             })
             console.print(f"train-step: round {round_} update {updates} loss {s['loss']:.4f} "
                           f"tokens {int(s['tokens'])} grad_norm {s['grad_norm']:.3f}")
+            bars.advance(task)
+        bars.remove_task(task)
     update_seconds = time.perf_counter() - t_updates
 
     # 4. commit: state and metrics, then the policy (atomic rename), then the manifest
