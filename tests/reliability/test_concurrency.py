@@ -69,8 +69,8 @@ def test_force_beside_a_running_worker_leaves_its_shard_alone(reference, tmp_pat
         assert held
         res = CliRunner().invoke(app, ["generate", "--round", "1", "--run", str(root), "--force"])
     assert res.exit_code == 0, res.output
-    assert "generate: shard 1 is being computed by another process; left to it" in res.output
-    assert re.findall(r"generate: shard (\d+) \(", res.output) == ["0", "2", "3"]
+    assert "generate: round 1: shard 1 is being computed by another process; left to it" in res.output
+    assert re.findall(r"generate: round 1: shard (\d+) \(", res.output) == ["0", "2", "3"]
     assert manifest_path(rollouts, 1).read_bytes() == held_manifest  # untouched
     assert {p.name: p.read_bytes() for p in list_shard_files(rollouts)} == before
     assert not [p for p in rollouts.iterdir() if p.name.startswith(".")]
@@ -97,6 +97,6 @@ def test_a_lock_file_left_behind_never_blocks(reference, tmp_path):
     shard_path(verified, 2).unlink()
     res = CliRunner().invoke(app, ["verify", "--round", "1", "--run", str(root)])
     assert res.exit_code == 0, res.output
-    assert re.findall(r"verify: shard (\d+) \(", res.output) == ["2"]
+    assert re.findall(r"verify: round 1: shard (\d+) \(", res.output) == ["2"]
     assert shard_path(verified, 2).read_bytes() == shard_path(
         Run.open(reference["root"]).stage_dir(1, "verified"), 2).read_bytes()
