@@ -193,7 +193,8 @@ def test_config_errors_on_the_command_line(reference, tmp_path):
     root = copy_run(reference["root"], tmp_path / "run")
     before = snapshot(root)
     one_line_error(cli("verify", "--round", "1", "--run", str(root), "--set", "verify.timeout=9",
-                       "--set", "run.algo=grpo"), "these keys differ: run.algo, verify.timeout", "--force")
+                       "--set", "run.algo=grpo"),
+                   'these keys differ: run.algo "scope" -> "grpo", verify.timeout 5.0 -> 9.0', "--force")
     one_line_error(cli("verify", "--round", "1", "--run", str(root), "--set", "verify.timout=9"),
                    "unknown key 'timout'", "did you mean 'verify.timeout'?")
     assert snapshot(root) == before

@@ -119,7 +119,7 @@ def test_incomplete_policy_is_never_used(reference, tmp_path):
     (run.policy_dir(1) / "scope-policy.json").unlink()
     res = cli("generate", "--round", "2", "--run", str(root))
     one_line_error(res, "policy-001: policy missing or incomplete",
-                   "the last complete policy is policy-000; run round 1")
+                   f"the last complete policy is policy-000; run `scope round 1 --run {root}` first")
     assert not run.stage_dir(2, "rollouts").exists()
     assert cli("round", "1", "--run", str(root), "--quiet").exit_code == 0
     same_as_reference(reference, root, "policy-001/")
