@@ -16,6 +16,7 @@ import typer
 
 from scope_cli.errors import ScopeError
 
+
 class _FlagsAsFlags:
     """Help that shows a boolean flag as a flag (`--force`), not as taking a value (`--force <bool>`)."""
 
@@ -55,6 +56,7 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """SCOPE: RL from verifiable rewards with step-wise off-policy rectification, as offline stages."""
+
 
 RunOpt = Annotated[str, typer.Option("--run", "-r", help="run name (under $SCOPE_RUNS_DIR or ./runs) or path")]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="TOML config file")]
@@ -200,7 +202,8 @@ def verify(
     from stages.verify import verify as verify_stage
 
     the_run = open_run(run, config, set_, force, torch_threads=False)  # (math-verify: no torch)
-    done = verify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    done = verify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
+                        quiet=quiet)
     if not done.computed:  # it said what it skipped; the totals below would be an earlier run's
         return
     totals = stage_summary(the_run.stage_dir(round_, "verified"))
@@ -239,8 +242,8 @@ def train_step(
 
         result = sft(load_config(config, set_ or []), out, quiet=quiet)
         make_console().print(f"wrote {out}: greedy accuracy {result['monitor_accuracy']:.3f} at step "
-                        f"{result['step']} ({result['seconds_per_step']:.3f} s/step, "
-                        f"{result['seconds']:.0f}s in all)")
+                             f"{result['step']} ({result['seconds_per_step']:.3f} s/step, "
+                             f"{result['seconds']:.0f}s in all)")
         return
     if objective != "rl":
         raise ScopeError(f"--objective: expected rl or sft, got {objective!r}")
@@ -415,8 +418,15 @@ def round_(
     if dry_run:
         from scope_cli.rounds import dry_run as plan
 
+        from scope_cli.config import differing_keys
+        from scope_cli.runs import config_changed
+
+        stored = peek_run(run, None, None)
         the_run = peek_run(run, config, [*(set_ or []), *(["policy.trust_remote_code=true"]
                                                          if trust_remote_code else [])])
+        changed = differing_keys(stored.config, the_run.config)
+        if changed and not force:  # as the real command would refuse
+            raise config_changed(the_run.root / "config.toml", stored.config, the_run.config, changed)
         console = make_console()
         console.print(f"{the_run.root}: round {target}, dry run (nothing is run)")
         for r, stage, what in plan(the_run, target):

@@ -100,26 +100,30 @@ def train_points(run: Any, round_: int) -> Points | None:
     return Points(f"r{round_:05d}.1-train", [path], path.stat().st_mtime, steps)
 
 
-def updates_after(run: Any, round_: int) -> int | None:
-    """The global update count after round R (0 for the base policy; None when unknown)."""
-    if round_ == 0:
-        return 0
-    path = run.train_dir(round_) / "metrics.parquet"
-    if path.exists():
+def updates_after(run: Any, round_: int) -> tuple[int, Path | None] | None:
+    """The global update count after round R and the metrics file it comes from: round R's last
+    update (an earlier round's when R made none; 0 for the base policy). None before R has trained."""
+    for r in range(round_, 0, -1):
+        path = run.train_dir(r) / "metrics.parquet"
+        if not path.exists():
+            if r == round_:
+                return None
+            continue
         rows = _read(path)
         if rows:
-            return max(int(r["update"]) for r in rows)
-    return None
+            return max(int(row["update"]) for row in rows), path
+    return 0, None
 
 
 def eval_points(run: Any, round_: int) -> Points | None:
     """round-R/eval/summary.parquet as eval/<set>/<metric> and training.parquet as round/<metric>,
     at the update count after round R."""
     summary = run.eval_dir(round_) / "summary.parquet"
-    step = updates_after(run, round_)
-    if not summary.exists() or step is None:
+    after = updates_after(run, round_)
+    if not summary.exists() or after is None:
         return None
-    sources = [summary]
+    step, step_source = after
+    sources = [summary, *([step_source] if step_source else [])]  # the step comes from it
     values = {f"eval/{r['eval_set']}/{r['metric']}": v for r in _read(summary)
               if (v := _number(r["value"])) is not None}
     training = run.eval_dir(round_) / "training.parquet"
@@ -127,8 +131,6 @@ def eval_points(run: Any, round_: int) -> Points | None:
         sources.append(training)
         values.update({f"round/{r['metric']}": v for r in _read(training)
                        if (v := _number(r["value"])) is not None})
-    if round_ > 0:
-        sources.append(run.train_dir(round_) / "metrics.parquet")  # the step comes from it
     return Points(f"r{round_:05d}.2-eval", sources, summary.stat().st_mtime, [(step, values)])
 
 

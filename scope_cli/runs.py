@@ -65,11 +65,7 @@ class Run:
             wanted = load_config(toml_path, overrides, base=from_dict(read_toml(stored), str(stored)))
             changed = differing_keys(base, wanted)
             if changed and not force:
-                shown = ", ".join(f"{k} {_shown(base.get(k))} -> {_shown(wanted.get(k))}" for k in changed)
-                raise ConfigError(
-                    f"{stored}: the run's config is fixed; these keys differ: {shown} "
-                    "(rerun with --force to accept the new config and recompute what depends on them)"
-                )
+                raise config_changed(stored, base, wanted, changed)
             if changed or differing_keys(base, wanted, include_operational=True):
                 write_text_atomic(to_toml(wanted), stored)
             return cls(root, wanted)
@@ -155,9 +151,11 @@ def run_command(root: Path, args: str) -> str:
     return f"scope {args} --run {shlex.quote(str(root))}"
 
 
-def _shown(value: object) -> str:
-    """A config value for messages, as a config file spells it (strings quoted, lists in brackets)."""
-    return json.dumps(value)
+def config_changed(stored: Path, base: Config, wanted: Config, changed: list[str]) -> ConfigError:
+    """The refusal of a changed config: each key with its old and new value."""
+    shown = ", ".join(f"{k} {json.dumps(base.get(k))} -> {json.dumps(wanted.get(k))}" for k in changed)
+    return ConfigError(f"{stored}: the run's config is fixed; these keys differ: {shown} (rerun with --force "
+                       "to accept the new config and recompute what depends on them)")
 
 
 def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> list[str]:

@@ -323,6 +323,8 @@ def test_dry_run_lists_each_stage_and_runs_and_imports_nothing_heavy(watched, tm
         "heavy: []"]
     assert (run.root / "config.toml").read_bytes() == config  # not even the operational --set
     assert sorted(str(p) for p in run.root.rglob("*")) == files
+    res = cli.invoke(app, ["round", "3", "--run", str(run.root), "--dry-run", "--set", "generate.n=3"])
+    assert res.exit_code == 2 and "these keys differ: generate.n 4 -> 3 (rerun with --force" in res.output
 
 
 def test_version_and_boolean_flags_read_as_flags():
