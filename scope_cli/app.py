@@ -16,11 +16,47 @@ import typer
 
 from scope_cli.errors import ScopeError
 
+
+class _FlagsAsFlags:
+    """Help that shows a boolean flag as a flag (`--force`), not as taking a value (`--force <bool>`)."""
+
+    def get_params(self, ctx):  # type: ignore[no-untyped-def]
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsAsFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagsAsFlags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="SCOPE: RL from verifiable rewards with step-wise off-policy rectification, as offline stages.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from scope_cli import __version__
+
+        typer.echo(f"scope-rl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """SCOPE: RL from verifiable rewards with step-wise off-policy rectification, as offline stages."""
+
 
 RunOpt = Annotated[str, typer.Option("--run", "-r", help="run name (under $SCOPE_RUNS_DIR or ./runs) or path")]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="TOML config file")]
@@ -43,11 +79,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (ScopeError, OSError) as exc:  # OSError: a full disk, a permission, a vanished file
-            from rich.console import Console
             from rich.markup import escape
 
-            Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(str(exc))}",
-                                                        soft_wrap=True)
+            from scope_cli.console import make_console
+
+            make_console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", markup=True,
+                                            soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -60,11 +97,33 @@ def run_path(run: str):
 
 
 def open_run(run: str, config: str | None, overrides: list[str] | None, force: bool, create: bool = False,
-             trust_remote_code: bool = False):
+             trust_remote_code: bool = False, torch_threads: bool = True):
+    """Open the run, check that its loggers can run and, for a command that runs a model, set torch's
+    CPU threads (train.threads): the same for every command, alone or inside `scope round`."""
+    from scope_cli.loggers import check_loggers
     from scope_cli.runs import Run
 
     overrides = [*(overrides or []), *(["policy.trust_remote_code=true"] if trust_remote_code else [])]
-    return Run.open(run_path(run), config, overrides, force=force, create=create)
+    the_run = Run.open(run_path(run), config, overrides, force=force, create=create)
+    check_loggers(the_run.config.run.loggers)
+    if torch_threads:
+        from scope_cli.training import set_threads
+
+        set_threads(the_run.config.train.threads)
+    return the_run
+
+
+def peek_run(run: str, config: str | None, overrides: list[str] | None):
+    """The run with --config/--set applied, writing nothing (for `scope config`, `--dry-run`)."""
+    from scope_cli.config import from_dict, load_config, read_toml
+    from scope_cli.runs import Run, RunError, run_command
+
+    root = run_path(run)
+    stored = root / "config.toml"
+    if not stored.exists():
+        raise RunError(f"{root}: no run here (no config.toml); create it with `{run_command(root, 'prepare')}`")
+    base = from_dict(read_toml(stored), str(stored))
+    return Run(root, load_config(config, overrides, base=base) if config or overrides else base)
 
 
 @app.command()
@@ -78,8 +137,7 @@ def prepare(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Create a run: training prompts, held-out eval sets and policy-000 (the base policy)."""
-    from rich.console import Console
-
+    from scope_cli.console import make_console
     from stages.prepare import discard_new_run
     from stages.prepare import prepare as prepare_stage
 
@@ -94,7 +152,9 @@ def prepare(
         if fresh:  # a failed first prepare leaves no run behind for a corrected retry to trip over
             discard_new_run(root, keep_folder=existed)
         raise
-    console = Console()
+    console = make_console()
+    if summary.pop("skipped", None):
+        console.print(f"prepare: {the_run.root}: done earlier, skipped")
     for key, value in summary.items():
         console.print(f"  {key}: {value}")
     console.print(f"prepared {the_run.root}")
@@ -114,17 +174,19 @@ def generate(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Sample generate.n responses per prompt of round R from policy-(R-1): prompts -> rollouts."""
-    from rich.console import Console
-
+    from scope_cli.console import make_console
     from scope_cli.shards import worker_slot
     from scope_cli.status import stage_summary
     from stages.generate import generate as generate_stage
 
     the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
-    generate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    done = generate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
+                          quiet=quiet)
+    if not done.computed:  # it said what it skipped; the totals below would be an earlier run's
+        return
     totals = stage_summary(the_run.stage_dir(round_, "rollouts"))
     tokens, rows, seconds = totals["summary"].get("tokens", 0), totals["rows"], totals["seconds"]
-    Console(stderr=True, quiet=quiet).print(
+    make_console(stderr=True, quiet=quiet).print(
         f"generate: round {round_}: {totals['shards']}/{totals['num_shards']} shards, {rows} rows, "
         f"{tokens / max(rows, 1):.1f} tokens/row, {totals['summary'].get('length', 0)} cut at max_tokens, "
         f"{totals['summary'].get('prompt_too_long', 0)} prompts skipped as longer than the model's context, "
@@ -144,18 +206,20 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Check each rollout's answer with math-verify (pred, correct, reward, verify_status): rollouts -> verified."""
-    from rich.console import Console
-
+    from scope_cli.console import make_console
     from scope_cli.shards import worker_slot
     from scope_cli.status import stage_summary
     from stages.verify import verify as verify_stage
 
-    the_run = open_run(run, config, set_, force)
-    verify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    the_run = open_run(run, config, set_, force, torch_threads=False)  # (math-verify: no torch)
+    done = verify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
+                        quiet=quiet)
+    if not done.computed:  # it said what it skipped; the totals below would be an earlier run's
+        return
     totals = stage_summary(the_run.stage_dir(round_, "verified"))
     s, rows = totals["summary"], totals["rows"]
     counts = ", ".join(f"{k} {s.get(k, 0)}" for k in ("ok", "no_answer", "timeout", "error"))
-    Console(stderr=True, quiet=quiet).print(
+    make_console(stderr=True, quiet=quiet).print(
         f"verify: round {round_}: {totals['shards']}/{totals['num_shards']} shards, {rows} rows, "
         f"acc {s.get('correct', 0) / max(rows, 1):.3f} ({counts}), "
         f"{rows / max(totals['seconds'], 1e-9):.0f} items/s")
@@ -177,8 +241,7 @@ def train_step(
 ) -> None:
     """Train: round R's RL update (policy-(R-1) + rectified batch -> policy-R; torchrun for DDP/FSDP2),
     or `--objective sft --out DIR` to build a tiny arith policy from scratch."""
-    from rich.console import Console
-
+    from scope_cli.console import make_console
     from scope_cli.errors import ScopeError
 
     if objective == "sft":
@@ -188,9 +251,9 @@ def train_step(
         from scope_cli.sft import sft
 
         result = sft(load_config(config, set_ or []), out, quiet=quiet)
-        Console().print(f"wrote {out}: greedy accuracy {result['monitor_accuracy']:.3f} at step "
-                        f"{result['step']} ({result['seconds_per_step']:.3f} s/step, "
-                        f"{result['seconds']:.0f}s in all)")
+        make_console().print(f"wrote {out}: greedy accuracy {result['monitor_accuracy']:.3f} at step "
+                             f"{result['step']} ({result['seconds_per_step']:.3f} s/step, "
+                             f"{result['seconds']:.0f}s in all)")
         return
     if objective != "rl":
         raise ScopeError(f"--objective: expected rl or sft, got {objective!r}")
@@ -199,9 +262,7 @@ def train_step(
     from stages.train_step import train_step as train_stage
 
     the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
-    result = train_stage(the_run, round_, force=force, quiet=quiet)
-    if result.get("skipped"):
-        Console(stderr=True, quiet=quiet).print(f"train-step: round {round_} already done ({result['policy']})")
+    train_stage(the_run, round_, force=force, quiet=quiet)  # says "done earlier, skipped" itself
 
 
 @app.command("prm-score")
@@ -252,7 +313,7 @@ def locate_error(
     from scope_cli.shards import worker_slot
     from stages.locate_error import locate_error as locate_stage
 
-    the_run = open_run(run, config, set_, force)
+    the_run = open_run(run, config, set_, force, torch_threads=False)  # (no model)
     locate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
 
 
@@ -297,9 +358,9 @@ def eval_(
     """Greedy accuracy, pass@k, maj@k and diversity of a policy on the run's held-out sets."""
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
+    from scope_cli.console import make_console
     from scope_cli.shards import worker_slot
     from stages.eval import evaluate
 
@@ -307,7 +368,7 @@ def eval_(
     result = evaluate(the_run, round_, policy=Path(policy) if policy else None,
                       out_dir=Path(out) if out else None, force=force,
                       worker=worker_slot(shard_index, num_shards), quiet=quiet)
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
     if result["summary"] is None:
         console.print(f"eval: {result['dir']}: computed {', '.join(result['computed']) or 'nothing'}; "
                       "other sets are still running in other workers")
@@ -323,7 +384,7 @@ def eval_(
     for m in shown:
         if any(m in values for values in sets.values()):
             table.add_row(m, *(f"{values[m]:.3f}" if m in values else "-" for values in sets.values()))
-    Console(quiet=quiet).print(table)
+    make_console(quiet=quiet).print(table)
 
 
 @app.command()
@@ -355,17 +416,35 @@ def round_(
     force: ForceOpt = False,
     isolate: Annotated[Optional[bool], typer.Option(
         "--isolate/--no-isolate", help="one subprocess per stage (default: round.isolate)")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="list per round and stage what would run and what is done; run nothing")] = False,
     quiet: QuietOpt = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval)."""
-    from rich.console import Console
-
+    from scope_cli.console import make_console
     from scope_cli.rounds import bring_to_round, round_table
 
+    if dry_run:
+        from scope_cli.rounds import dry_run as plan
+
+        from scope_cli.config import differing_keys
+        from scope_cli.runs import config_changed
+
+        stored = peek_run(run, None, None)
+        the_run = peek_run(run, config, [*(set_ or []), *(["policy.trust_remote_code=true"]
+                                                         if trust_remote_code else [])])
+        changed = differing_keys(stored.config, the_run.config)
+        if changed and not force:  # as the real command would refuse
+            raise config_changed(the_run.root / "config.toml", stored.config, the_run.config, changed)
+        console = make_console()
+        console.print(f"{the_run.root}: round {target}, dry run (nothing is run)")
+        for r, stage, what in plan(the_run, target):
+            console.print(f"  round {r:<3} {stage:<13} {what}")
+        return
     the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     ran = bring_to_round(the_run, target, quiet=quiet, isolate=isolate)
-    console = Console()
+    console = make_console()
     console.print(f"{the_run.root}: round {target} " + ("done" if ran else "already done"))
     for row in round_table(the_run, target):
         shown = {k: v for k, v in row.items() if k == "round" or k.endswith(("greedy_acc", "pass@8"))}
@@ -388,9 +467,9 @@ def compare(
     from pathlib import Path
 
     import polars as pl
-    from rich.console import Console
 
     from scope_cli import compare as cmp
+    from scope_cli.console import make_console
     from scope_cli.shards import write_parquet_atomic, write_text_atomic
 
     arms = [a.strip() for a in algos.split(",") if a.strip()]
@@ -412,8 +491,31 @@ def compare(
     write_text_atomic(f"# {name}: {', '.join(arms)}; {seeds} seeds; round {rounds}\n\n{markdown}", out / "table.md")
     cmp.plot_curves(name, arms, seed_list, runs_dir, out / "curves.png",
                     ("greedy_acc", "avg@1", "pass@8", "distinct_correct_norm", "later_error_share"))
-    Console().print(markdown)
-    Console().print(f"wrote {out / 'table.md'}, {out / 'table.parquet'}, {out / 'curves.png'}")
+    console = make_console()  # markup off: `avg@1[difficulty=5]` is printed as it is
+    console.print(markdown)
+    console.print(f"wrote {out / 'table.md'}, {out / 'table.parquet'}, {out / 'curves.png'}")
+
+
+@app.command("config")
+@one_line_errors
+def config_(
+    run: Annotated[Optional[str], typer.Option(
+        "--run", "-r", help="run name or path (default: no run, the built-in defaults)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    changed: Annotated[bool, typer.Option("--changed", help="only the keys that differ from the defaults")] = False,
+) -> None:
+    """Print a run's resolved config as TOML (with --config/--set applied, nothing written); a key that
+    differs from the built-in default ends with `# default: VALUE`, an operational one says (op)."""
+    from scope_cli.config import load_config, to_toml_marked
+
+    if run is not None:
+        cfg, origin = peek_run(run, config, set_).config, f"the config of {run_path(run)}"
+    else:
+        cfg, origin = load_config(config, set_ or []), "the built-in defaults"
+    layers = "".join(f" < {x}" for x in (config and "--config", set_ and "--set") if x)
+    typer.echo(f"# {origin}{layers}")
+    typer.echo(to_toml_marked(cfg, changed_only=changed), nl=False)
 
 
 @app.command()
@@ -430,6 +532,11 @@ def status(
 
     if print_status(run_path(run), verify=verify):
         raise typer.Exit(1)
+
+
+for _info in app.registered_commands:
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:

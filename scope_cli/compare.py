@@ -60,9 +60,9 @@ def arm_name(name: str, algo: str, seed: int) -> str:
 def run_arms(name: str, algos: list[str], seeds: list[int], rounds: int, config: str | None,
              overrides: list[str], jobs: int, runs_dir: Path) -> dict[str, int]:
     """Prepare and run every arm to `rounds`, `jobs` at a time; returns exit codes by arm."""
-    from rich.console import Console
+    from scope_cli.console import make_console
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SCOPE_RUNS_DIR": str(runs_dir)}
     scope = [sys.executable, "-m", "scope_cli.app"]
     pending = []

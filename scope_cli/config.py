@@ -96,6 +96,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.logprob_chunks": ("auto", "on", "off"),
     "round.isolate": ("auto", "on", "off"),
 }
+LOGGERS = ("tensorboard", "wandb")  # run.loggers: each one of these
 
 # ---- building a config ---------------------------------------------------------------------------
 def _section(cfg: Config, section: str, where: str) -> Any:
@@ -251,6 +252,9 @@ def validate(cfg: Config) -> None:
                 if not rng.contains(item):
                     shown = f"{value!r}" if not isinstance(value, list) else f"{item!r} in {value!r}"
                     raise ConfigError(f"{dotted}: got {shown}, expected {rng.describe(integer)}")
+    bad = [x for x in cfg.run.loggers if x not in LOGGERS]
+    if bad:
+        raise ConfigError(f"run.loggers: expected a list of {', '.join(LOGGERS)}, got {bad[0]!r}")
     _check_combinations(cfg)
     if cfg.generate.prompts_per_shard > cfg.generate.prompts_per_round:
         cfg.generate.prompts_per_shard = cfg.generate.prompts_per_round
@@ -299,6 +303,25 @@ def to_toml(cfg: Config) -> str:
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def to_toml_marked(cfg: Config, changed_only: bool = False) -> str:
+    """`to_toml(cfg)` with every key whose value differs from the built-in default marked
+    `# default: VALUE` (and `(op)` when operational); `changed_only`: those keys alone."""
+    operational, section, out = operational_keys(), "", []
+    for ours, default in zip(to_toml(cfg).splitlines(), to_toml(Config()).splitlines()):
+        if " = " not in ours:  # a [section] header or the blank line after a section
+            section = ours[1:-1] if ours.startswith("[") else section
+            out.append(ours)
+        elif ours != default:
+            op_note = " (op)" if f"{section}.{ours.partition(' = ')[0]}" in operational else ""
+            out.append(f"{ours}  # default: {default.partition(' = ')[2]}{op_note}")
+        elif not changed_only:
+            out.append(ours)
+    if changed_only:  # sections with no changed key go
+        out = [x for i, x in enumerate(out) if not x.startswith("[") or " = " in (out[i + 1:] or [""])[0]]
+        out = [x for i, x in enumerate(out) if x or (i and out[i - 1])]
+    return "\n".join(out).strip("\n") + "\n"
 
 
 def operational_keys() -> set[str]:

@@ -25,6 +25,11 @@ class RunConfig:
     keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders
     keep_every: int = op(0, Range(ge=1, zero="none"))  # and every M-th beyond the last K
     keep_state: int = op(1, Range(ge=1, zero="keep all"))  # keep train state of the last K rounds
+    # live curves (scope_cli/loggers.py): each round's train and eval metrics, written after
+    # train-step and eval from their Parquet, stepped by the global optimizer update count.
+    # "tensorboard": event files under runs/<run>/tensorboard/; "wandb": a wandb run (offline unless
+    # WANDB_MODE says otherwise; needs the wandb package); []: none. Operational: files beside the run
+    loggers: list[str] = op(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -150,7 +155,8 @@ class TrainConfig:
     tis_cap: float = key(0.0, Range(ge=1, le=1e6, zero="off"))  # truncated importance correction cap
     # rows × longest row (packed: total tokens) per micro-batch; 0: 16384 on GPU, 1024 on CPU (measured)
     micro_batch_tokens: int = op(0, Range(ge=1, le=1 << 40, zero="auto"))
-    # CPU threads for training (0: torch's default); 1 is fastest for tiny models
+    # torch's CPU threads in every command that runs a model (0: torch's default; left alone where
+    # CUDA is used); 1 is fastest for the tiny models
     threads: int = op(1, Range(ge=1, le=4096, zero="torch's default"))
     fsdp: bool = False
     activation_checkpointing: bool = False

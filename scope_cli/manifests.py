@@ -235,16 +235,26 @@ def pruned(path: Path, root: Path) -> bool:
     return False
 
 
-def repair_command(rel: str | Path) -> str:
-    """The command that rewrites a file of a run (its path relative to the run folder)."""
+def repair_command(rel: str | Path, root: Path | None = None) -> str:
+    """The command that rewrites a file of a run (its path relative to the run folder); with `root`,
+    aimed at that run (`--run ROOT`), so that pasting it repairs the right one."""
     parts = Path(rel).parts
     if not parts or parts[0] in ("prompts", "eval-sets", "policy-000", "config.toml"):
-        return "scope prepare"
-    if re.fullmatch(r"policy-\d{3}", parts[0]):
-        return f"scope train-step --round {int(parts[0][7:])}"
-    if re.fullmatch(r"round-\d{3}", parts[0]) and len(parts) > 1 and parts[1] in STAGE_WRITERS:
-        return f"scope {STAGE_WRITERS[parts[1]]} --round {int(parts[0][6:])}"
-    return "scope round"
+        args = "prepare"
+    elif re.fullmatch(r"policy-\d{3}", parts[0]):
+        args = f"train-step --round {int(parts[0][7:])}"
+    elif re.fullmatch(r"round-\d{3}", parts[0]) and len(parts) > 1 and parts[1] in STAGE_WRITERS:
+        args = f"{STAGE_WRITERS[parts[1]]} --round {int(parts[0][6:])}"
+    else:
+        args = "round"
+    return f"scope {args}" if root is None else run_command(root, args)
+
+
+def run_command(root: Path, args: str) -> str:
+    """`scope ARGS --run ROOT` (the folder as a path, quoted for a shell when it needs it)."""
+    import shlex
+
+    return f"scope {args} --run {shlex.quote(str(root))}"
 
 
 # ---- reading manifests -------------------------------------------------------------------------------

@@ -57,13 +57,13 @@ class RunData:
 def check_read(root: Path, round_: int) -> None:
     """Round R's train metrics, eval summary and training table, where present, are what their
     manifests record (a damaged one is named with the command that recomputes it)."""
-    from scope_cli.manifests import vouched
+    from scope_cli.manifests import run_command, vouched
 
     train, evald = Path(root) / f"round-{round_:03d}" / "train", Path(root) / f"round-{round_:03d}" / "eval"
     for path, man, repair in (
             (train / "metrics.parquet", train / "_manifest" / "shard-00000.json",
-             f"scope train-step --round {round_}"),
-            *((evald / name, evald / "_manifest" / "summary.json", f"scope eval --round {round_}")
+             run_command(root, f"train-step --round {round_}")),
+            *((evald / name, evald / "_manifest" / "summary.json", run_command(root, f"eval --round {round_}"))
               for name in ("summary.parquet", "training.parquet"))):
         if path.exists() and (why := vouched(path, man, Path(root), repair)) is not None:
             raise ReportError(why)
@@ -74,7 +74,7 @@ def load_run(root: Path) -> RunData:
     import polars as pl
 
     from scope_cli.metrics import training_metrics
-    from scope_cli.runs import Run
+    from scope_cli.runs import Run, run_command
 
     root = Path(root)
     run = Run.open(root)
@@ -104,7 +104,8 @@ def load_run(root: Path) -> RunData:
         elif round_ > 0:
             data.training.update({(round_, k): v for k, v in training_metrics(run, round_).items()})
     if not data.summary:
-        raise ReportError(f"{root}: no round-*/eval/summary.parquet (run `scope eval` first)")
+        raise ReportError(f"{root}: no round-*/eval/summary.parquet (run `{run_command(root, 'eval --round 0')}` "
+                          "first)")
     data.entropy.sort()
     return data
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from scope_cli.errors import ScopeError
+from scope_cli.loggers import log_rounds
 from scope_cli.runs import Run, policy_complete
 
 STAGE_COMMANDS = ("generate", "verify", "prm-score", "locate-error", "rectify", "train-step")
@@ -105,19 +106,19 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
             check_policy_folder(run.config.policy.path)
         except PolicyError as exc:  # say what is wrong with it
             raise ScopeError(f"{run.policy_dir(0)}: no base policy; policy.path {exc}") from None
-        raise ScopeError(f"{run.policy_dir(0)}: no base policy (run `scope prepare` with a valid "
-                         "policy.path first)")
+        raise ScopeError(f"{run.policy_dir(0)}: no base policy (run `{run.command('prepare')}` with a "
+                         "valid policy.path first)")
     todo = [r for r in range(0, target + 1) if not round_done(run, r, target)]
     if not todo:
         # what a killed run had left to prune (as `scope round <newest>` would prune it)
         prune_checkpoints(run, max(target, run.last_policy_round() or 0))
-        return []
-    if isolate if isolate is not None else use_isolation(run):
+    elif isolate if isolate is not None else use_isolation(run):
         for r in todo:
             _round_in_subprocesses(run, r, target, quiet)
             prune_checkpoints(run, target)
-        return todo
-    _rounds_in_process(run, todo, target, quiet)
+    else:
+        _rounds_in_process(run, todo, target, quiet)
+    log_rounds(run)  # every round's curves (the stages log their own; this fills in older runs')
     return todo
 
 
@@ -132,7 +133,6 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
     from stages.train_step import train_step
     from stages.verify import verify
 
-    _cpu_threads(run)
     cfg = run.config
     engine: Any = None
     with Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) as verifier:
@@ -239,15 +239,6 @@ def finish_pruning(run: Run) -> list[Path]:
     return left
 
 
-def _cpu_threads(run: Run) -> None:
-    """Tiny models run fastest on one thread on small CPUs (measured); train.threads sets it."""
-    import torch
-
-    threads = run.config.train.threads
-    if threads > 0 and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-
-
 def round_table(run: Run, target: int) -> list[dict[str, Any]]:
     """Per evaluated round: the first eval set's headline numbers, for the CLI to print."""
     import polars as pl
@@ -261,3 +252,88 @@ def round_table(run: Run, target: int) -> list[dict[str, Any]]:
                                         frame.select("eval_set", "metric", "value").iter_rows()}})
     return rows
 
+
+
+# ---- `scope round N --dry-run` -----------------------------------------------------------------------
+def dry_run(run: Run, target: int) -> list[tuple[int, str, str]]:
+    """What `scope round target` would do, as (round, stage, what) rows: the same done checks the
+    stages make (manifests, config hashes, input digests), with nothing computed or loaded (no torch,
+    no model). train-step counts as done when its policy and manifest exist and nothing before it
+    would run."""
+    from scope_cli.config import config_hash
+    from scope_cli.shards import ShardError, complete_shards, is_done
+    from stages import eval as eval_stage
+    from stages import generate, locate_error, prm_score, rectify, verify
+
+    def count(dst: Path, inputs: list[list[Path]], cfg_hash: str, extra: Any = None) -> str:
+        done = sum(is_done(dst, i, files, cfg_hash, run.root) and (extra is None or extra(i))
+                   for i, files in enumerate(inputs))
+        if done == len(inputs):
+            return f"done ({_n_shards(done)})"
+        return (f"{done} of {_n_shards(len(inputs))} done; would compute {len(inputs) - done}" if done
+                else f"would run ({_n_shards(len(inputs))})")
+
+    rows: list[tuple[int, str, str]] = []
+    cfg = run.config
+    for r in range(0, target + 1):
+        if round_done(run, r, target):
+            rows.append((r, "all", "done"))
+            continue
+        pending = False  # an earlier stage of this round would compute: every later one runs
+        if r > 0:
+            if not policy_complete(run.policy_dir(r - 1)):
+                pending = True
+                rows.append((r, "generate", f"would run (after round {r - 1})"))
+            else:
+                groups = generate.shard_groups(run.round_prompt_ids(r), cfg.generate.prompts_per_shard,
+                                               cfg.generate.n)
+                files = complete_shards(run.prompts_dir, run.command("prepare"))
+                state = count(run.stage_dir(r, "rollouts"), [files] * len(groups),
+                              generate.stage_hash(run, run.policy_dir(r - 1)))
+                pending = not state.startswith("done")
+                rows.append((r, "generate", state))
+            for name, module, src, dst in (("verify", verify, "rollouts", "verified"),
+                                           ("prm-score", prm_score, "verified", "scored"),
+                                           ("locate-error", locate_error, "scored", "located"),
+                                           ("rectify", rectify, "located", "rectified")):
+                if pending:
+                    rows.append((r, name, "would run"))
+                    continue
+                try:
+                    files = complete_shards(run.stage_dir(r, src), name)
+                except ShardError:
+                    files = None
+                if files is None:
+                    pending = True
+                    rows.append((r, name, "would run"))
+                    continue
+                state = count(run.stage_dir(r, dst), [[f] for f in files],
+                              config_hash(cfg, module.CONFIG_KEYS))
+                pending = not state.startswith("done")
+                rows.append((r, name, state))
+            train_done = (not pending and policy_complete(run.policy_dir(r))
+                          and (run.train_dir(r) / "_manifest" / "shard-00000.json").exists())
+            pending = not train_done
+            rows.append((r, "train-step", "done" if train_done else "would run"))
+        if not eval_stage.should_eval(cfg, r, target):
+            rows.append((r, "eval", f"not due (eval.every = {cfg.eval.every})"))
+        elif eval_done(run, r) and not pending:
+            rows.append((r, "eval", "done"))
+        elif pending:
+            rows.append((r, "eval", "would run"))
+        else:
+            names = eval_stage.eval_set_names(run)
+            sets = [[run.eval_sets_dir / f"{n}.parquet"] for n in names]
+            modes = [m for m in eval_stage.MODES if m != "greedy" or cfg.eval.greedy]
+
+            def tables(i: int, r: int = r) -> bool:  # a set whose per-sample tables are gone reruns
+                return all(eval_stage.samples_path(run.eval_dir(r), names[i], m).exists() for m in modes)
+
+            state = count(run.eval_dir(r), sets, eval_stage.stage_hash(
+                cfg, eval_stage.policy_id(run.policy_dir(r)), names), tables)
+            rows.append((r, "eval", state.replace("shard", "set")))
+    return rows
+
+
+def _n_shards(n: int) -> str:
+    return f"{n} shard" + ("" if n == 1 else "s")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from scope_cli.config import Config, ConfigError, differing_keys, from_dict, load_config, read_toml, to_toml
 from scope_cli.errors import ScopeError
+from scope_cli.manifests import run_command
 
 if TYPE_CHECKING:
     import numpy as np
@@ -92,15 +93,13 @@ class Run:
                                  base=from_dict(read_stored_config(stored), str(stored)))
             changed = differing_keys(base, wanted)
             if changed and not force:
-                raise ConfigError(
-                    f"{stored}: the run's config is fixed; these keys differ: {', '.join(changed)} "
-                    "(rerun with --force to accept the new config and recompute what depends on them)"
-                )
+                raise config_changed(stored, base, wanted, changed)
             if changed or differing_keys(base, wanted, include_operational=True):
                 write_text_atomic(to_toml(wanted), stored)
             return cls(root, wanted)
         if not create:
-            raise RunError(f"{root}: no run here (no config.toml); create it with `scope prepare`")
+            raise RunError(f"{root}: no run here (no config.toml); create it with "
+                           f"`{run_command(root, 'prepare')}`")
         cfg = load_config(toml_path, overrides)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RunError(f"{root}: exists and is not a run (no config.toml); a new run needs a new "
@@ -108,6 +107,10 @@ class Run:
         root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(to_toml(cfg), stored)
         return cls(root, cfg)
+
+    def command(self, args: str) -> str:
+        """A `scope` command line for this run, for error hints: pasted, it targets this run."""
+        return run_command(self.root, args)
 
     # ---- paths -----------------------------------------------------------------------------------
     @property
@@ -147,11 +150,8 @@ class Run:
         path = self.policy_dir(round_ - 1)
         if not policy_complete(path):
             last = self.last_policy_round()
-            hint = (
-                f"the last complete policy is policy-{last:03d}; run round {last + 1} first"
-                if last is not None
-                else "run `scope prepare` first"
-            )
+            hint = (f"the last complete policy is policy-{last:03d}; run `{self.command(f'round {last + 1}')}` "
+                    "first" if last is not None else f"run `{self.command('prepare')}` first")
             raise RunError(f"{path}: policy missing or incomplete ({hint})")
         return path
 
@@ -164,7 +164,7 @@ class Run:
 
         files = list_shard_files(self.prompts_dir)
         if not files:
-            raise ShardError(f"{self.prompts_dir}: no prompt shards; run `scope prepare` first")
+            raise ShardError(f"{self.prompts_dir}: no prompt shards; run `{self.command('prepare')}` first")
         ids: list[str] = []
         for f in files:
             ids.extend(pq.read_table(f, columns=["prompt_id"]).column(0).to_pylist())
@@ -173,6 +173,13 @@ class Run:
     def round_prompt_ids(self, round_: int) -> list[str]:
         return round_slice(self.prompt_ids(), self.config.run.seed, round_,
                            self.config.generate.prompts_per_round)
+
+
+def config_changed(stored: Path, base: Config, wanted: Config, changed: list[str]) -> ConfigError:
+    """The refusal of a changed config: each key with its old and new value."""
+    shown = ", ".join(f"{k} {json.dumps(base.get(k))} -> {json.dumps(wanted.get(k))}" for k in changed)
+    return ConfigError(f"{stored}: the run's config is fixed; these keys differ: {shown} (rerun with --force "
+                       "to accept the new config and recompute what depends on them)")
 
 
 def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> list[str]:

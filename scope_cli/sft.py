@@ -89,12 +89,12 @@ def greedy_report(model, tok, problems: list[str], max_new_tokens: int) -> dict[
 
 def sft(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, Any]:
     """Train from scratch until greedy monitor accuracy reaches `sft.target_accuracy`; save to `out`."""
-    from rich.console import Console
     from transformers import LlamaForCausalLM
 
+    from scope_cli.console import make_console
     from scope_cli.models import quiet_transformers
 
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
     s = cfg.sft
     set_threads(cfg.train.threads)
     quiet_transformers()

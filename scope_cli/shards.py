@@ -395,11 +395,32 @@ def run_shards(
     """Compute every job of this worker that is not done; skip shards locked by another worker.
 
     `headline` ({"label", "num", "den"}) tells `scope status` which summary counters make the
-    stage's headline metric.
+    stage's headline metric. It says what it finds done by an earlier run (all of it: "done earlier,
+    skipped"; some: what it resumes from) and shows a bar over the shards it computes.
     """
-    from rich.console import Console
+    from scope_cli.console import progress_bars
 
-    console = Console(stderr=True, quiet=quiet)
+    with progress_bars(quiet) as bars:
+        return _run_shards(stage, stage_dir, jobs, cfg_hash, config_keys, root, engines, force, worker,
+                           headline, quiet, bars)
+
+
+def _where(stage_dir: Path) -> str:
+    """"round R" for a round's stage folder, else the folder."""
+    name = stage_dir.parent.name
+    return f"round {int(name[6:])}" if name.startswith("round-") and name[6:].isdigit() else str(stage_dir)
+
+
+def _shards(n: int) -> str:
+    return f"{n} shard" + ("" if n == 1 else "s")
+
+
+def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str, config_keys: list[str],
+                root: Path, engines: dict[str, str] | None, force: bool, worker: tuple[int, int],
+                headline: dict[str, str] | None, quiet: bool, bars: Any) -> StageResult:
+    from scope_cli.console import make_console
+
+    console = make_console(stderr=True, quiet=quiet)
     stage_dir = Path(stage_dir)
     check_inside_run(stage_dir, root)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -418,17 +439,26 @@ def run_shards(
         for p in job.inputs:
             if not Path(p).exists():
                 raise ShardError(f"{p}: input of {stage} shard {job.index} does not exist")
+    where = _where(stage_dir)
+    earlier = set() if force else {j.index for j in mine
+                                   if is_done(stage_dir, j.index, j.inputs, cfg_hash, root, j.outputs)}
+    if earlier and len(earlier) < len(mine):
+        console.print(f"{stage}: {where}: {len(earlier)} of {_shards(len(mine))} done earlier; computing "
+                      f"{len(mine) - len(earlier)}")
+    task = bars.add_task(f"{stage} {where}: shards", total=len(mine) - len(earlier), rate="")
+    for job in mine:
         with shard_lock(stage_dir, job.index) as held:
             if not held:
                 result.skipped_locked.append(job.index)
-                console.print(f"{stage}: shard {job.index} is being computed by another process; "
+                console.print(f"{stage}: {where}: shard {job.index} is being computed by another process; "
                               "left to it")
                 continue
             # temporaries of this shard are stale, whoever wrote them: only the lock holder writes it
             for name in (shard_name(job.index), f"shard-{job.index:05d}.json"):
                 for path in [p for p in leftovers if p.name.startswith(f".{name}.tmp@")]:
                     remove_path(path)
-            if not force and is_done(stage_dir, job.index, job.inputs, cfg_hash, root, job.outputs):
+            if not force and (job.index in earlier or is_done(stage_dir, job.index, job.inputs, cfg_hash,
+                                                               root, job.outputs)):
                 result.skipped_done.append(job.index)
                 continue
             inputs = [file_digest(p, root) for p in job.inputs]
@@ -455,5 +485,9 @@ def run_shards(
             }
             write_json_atomic(manifest, manifest_path(stage_dir, job.index))
             result.computed.append(job.index)
-            console.print(f"{stage}: shard {job.index} ({table.num_rows} rows, {seconds:.1f}s)")
+            console.print(f"{stage}: {where}: shard {job.index} ({table.num_rows} rows, {seconds:.1f}s)")
+            bars.advance(task)
+    bars.remove_task(task)
+    if result.skipped_done and not result.computed:
+        console.print(f"{stage}: {where}: {_shards(len(result.skipped_done))} done earlier, skipped")
     return result

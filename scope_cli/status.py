@@ -41,7 +41,7 @@ class Checker:
 
     def bad(self, path: Path, why: str) -> bool:
         rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
-        self.problems.append(damaged(path, why, repair_command(rel)))
+        self.problems.append(damaged(path, why, repair_command(rel, self.root)))
         return False
 
     def intact(self, path: Path, rec: dict[str, Any], since_ns: int) -> bool:
@@ -160,11 +160,11 @@ def run_status(root: Path, check: Checker | None = None) -> list[dict[str, Any]]
 
 def print_status(root: Path, verify: bool = False) -> list[str]:
     """Print the table and one line per damaged file; returns those lines."""
-    from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    from scope_cli.console import make_console
+
+    console = make_console()
     root = Path(root)
     if not (root / "config.toml").exists():
         raise ScopeError(f"{root}: no run here (no config.toml)")
@@ -180,7 +180,7 @@ def print_status(root: Path, verify: bool = False) -> list[str]:
     console.print(table)
     console.print(f"policies: {', '.join(policies) or 'none'}")
     for line in check.problems:
-        console.print(f"[red]damaged:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+        console.print(f"damaged: {line}")
     if check.problems:
         console.print(f"{len(check.problems)} damaged file(s)" + ("" if verify else
                       " (sizes and modification times checked; `scope status --verify` hashes every file)"))

@@ -55,8 +55,11 @@ class Dist:
 
 
 def set_threads(threads: int) -> None:
-    """CPU threads for torch (0: torch's default). One thread is fastest for the tiny models."""
-    if threads > 0:
+    """torch's CPU threads for this process: train.threads (0: torch's default), set the same way for
+    every command that runs a model (`scope_cli.app.open_run`) and by the SFT bootstrap. One thread is
+    fastest for the tiny models on small CPUs (on a loaded 2-core machine torch's default made `scope
+    eval --round 0` alone 6× slower: docs/PERFORMANCE.md). Left alone where CUDA is used."""
+    if threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(threads)
 
 

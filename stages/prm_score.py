@@ -116,7 +116,7 @@ def prm_score(run: Run, round_: int, *, force: bool = False, worker: tuple[int, 
               quiet: bool = False) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "verified"), run.stage_dir(round_, "scored")
-    files = complete_shards(src, f"scope verify --round {round_}")
+    files = complete_shards(src, run.command(f"verify --round {round_}"))
     cache: dict[str, Any] = {}
 
     def engines() -> tuple[Any, Any]:
@@ -187,8 +187,8 @@ def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
 
 
 def print_eval(report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from scope_cli.console import make_console
 
-    console = Console()
+    console = make_console()
     console.print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in report.items()}, indent=1))

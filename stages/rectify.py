@@ -248,7 +248,7 @@ def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, in
     started when a shard has rows to re-verify, and closed at the end."""
     cfg = run.config
     src, dst = run.stage_dir(round_, "located"), run.stage_dir(round_, "rectified")
-    files = complete_shards(src, f"scope locate-error --round {round_}")
+    files = complete_shards(src, run.command(f"locate-error --round {round_}"))
     cache: dict[str, Any] = {}
 
     def engines() -> tuple[Any, Any, Any]:

@@ -65,6 +65,8 @@ from scope_cli.manifests import (
     records,
     repair_command,
 )
+from scope_cli.console import make_console, progress_bars
+from scope_cli.loggers import log_rounds
 from scope_cli.models import load_policy, save_policy
 from scope_cli.policy import policy_problem, verify_policy
 from scope_cli.runs import POLICY_MARKER, Run, policy_complete
@@ -93,7 +95,6 @@ from scope_cli.training import (
     load_train_state,
     make_optimizer,
     save_train_state,
-    set_threads,
     unwrap,
     use_bf16,
     wrap_model,
@@ -147,11 +148,11 @@ def is_done(run: Run, round_: int, cfg_hash: str) -> bool:
 def check_inputs(run: Run, round_: int, in_policy: Path) -> None:
     """The input policy's files and the previous round's train state are what their manifests record
     (a damaged one is named, with the command that writes it again)."""
-    verify_policy(in_policy, repair_command(in_policy.name))
+    verify_policy(in_policy, repair_command(in_policy.name, run.root))
     if round_ < 2:
         return
     prev = run.train_dir(round_ - 1)
-    repair = f"scope train-step --round {round_ - 1}"
+    repair = run.command(f"train-step --round {round_ - 1}")
     m, why = read_manifest(manifest_path(prev, 0))
     if m is None:
         raise TrainError(f"{manifest_path(prev, 0)}: {why}, so round {round_ - 1}'s train state is "
@@ -179,24 +180,28 @@ def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int,
             remove_stale_temps(run.root, [run.policy_dir(round_).name])
             remove_stale_temps(run.train_dir(round_), ["state", METRICS_FILE])
             remove_stale_temps(run.train_dir(round_) / "_manifest", ["shard-00000.json"])
-        return _train_step(run, round_, force=force, quiet=quiet)
+        result = _train_step(run, round_, force=force, quiet=quiet)
+        if main:  # live curves from train/metrics.parquet (run.loggers; never a point twice)
+            log_rounds(run, [round_])
+        return result
 
 
 def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str, Any]:
-    from rich.console import Console
-
     cfg = run.config
     t = cfg.train
     out_policy, train_dir = run.policy_dir(round_), run.train_dir(round_)
     cfg_hash = config_hash(cfg, CONFIG_KEYS)
     if not force and is_done(run, round_, cfg_hash):
+        if os.environ.get("RANK", "0") == "0":
+            make_console(stderr=True, quiet=quiet).print(
+                f"train-step: round {round_}: done earlier, skipped ({out_policy.name})")
         return {"skipped": True, "policy": str(out_policy)}
-    complete_shards(run.stage_dir(round_, "rectified"), f"scope rectify --round {round_}")
+    complete_shards(run.stage_dir(round_, "rectified"), run.command(f"rectify --round {round_}"))
     in_policy = run.input_policy(round_)
     inputs = stage_inputs(run, round_)
     if round_ > 1 and not (run.train_dir(round_ - 1) / "state" / "trainer.json").exists():
         raise TrainError(f"{run.train_dir(round_ - 1) / 'state'}: train state of round {round_ - 1} "
-                         "missing (run that round's train-step first)")
+                         f"missing (run `{run.command(f'train-step --round {round_ - 1}')}` first)")
     # the inputs' digests (the main process: 91 GB at 7B), in a thread while the model loads; checked
     # before the train state is read or anything is trained
     checked = None
@@ -204,9 +209,8 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
         checking = ThreadPoolExecutor(1)
         checked = checking.submit(check_inputs, run, round_, in_policy)
         checking.shutdown(wait=False)
-    set_threads(t.threads)
     d = init_dist()
-    console = Console(stderr=True, quiet=quiet or not d.main)
+    console = make_console(stderr=True, quiet=quiet or not d.main)
     start = time.perf_counter()
 
     # 1. the round batch and its advantages (every process reads all of it)
@@ -257,11 +261,12 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     rank_tokens = [0] * d.world
     trainable = [r for r in rows if r.tokens > 0]
     t_updates = time.perf_counter()
-    for epoch in range(t.ppo_epochs):
-        perm = np.random.default_rng([cfg.run.seed, round_, epoch]).permutation(len(trainable))
-        for mb, part in enumerate(np.array_split(perm, t.minibatches)):
-            if len(part) == 0:
-                continue
+    parts = [(epoch, mb, part) for epoch in range(t.ppo_epochs) for mb, part in enumerate(np.array_split(
+        np.random.default_rng([cfg.run.seed, round_, epoch]).permutation(len(trainable)), t.minibatches))
+        if len(part)]
+    with progress_bars(quiet or not d.main) as bars:
+        task = bars.add_task(f"train-step round {round_}: updates", total=len(parts), rate="")
+        for epoch, mb, part in parts:
             lr = obj.lr_at(updates, t.lr, t.warmup_updates, t.total_updates, t.lr_min)
             s = update(model, opt, [trainable[i] for i in part], d, cfg, pad, lr, mode)
             updates += 1
@@ -281,6 +286,8 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
             })
             console.print(f"train-step: round {round_} update {updates} loss {s['loss']:.4f} "
                           f"tokens {int(s['tokens'])} grad_norm {s['grad_norm']:.3f}")
+            bars.advance(task)
+        bars.remove_task(task)
     update_seconds = time.perf_counter() - t_updates
 
     # 4. commit: state and metrics, then the policy (atomic rename), then the manifest

@@ -74,7 +74,7 @@ def verify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int
            quiet: bool = False, verifier: Verifier | None = None) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "rollouts"), run.stage_dir(round_, "verified")
-    files = complete_shards(src, f"scope generate --round {round_}")
+    files = complete_shards(src, run.command(f"generate --round {round_}"))
     own = verifier is None
     pool = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) if own else verifier
 

@@ -244,9 +244,10 @@ def test_killed_generate_resumes_to_identical_files(tmp_path, fitted_policy):
     before = {name: (manifests / name.replace(".parquet", ".json")).read_bytes() for name in done}
 
     rerun = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, check=True)
-    computed = {int(line.split()[2]) for line in rerun.stderr.splitlines()
-                if line.startswith("generate: shard ")}
+    computed = {int(line.split()[4]) for line in rerun.stderr.splitlines()
+                if line.startswith("generate: round 1: shard ")}
     assert computed == {i for i in range(12) if f"shard-{i:05d}.parquet" not in done}
+    assert f"generate: round 1: {len(done)} of 12 shards done earlier; computing {12 - len(done)}" in rerun.stderr
     assert "12/12 shards" in rerun.stderr
     for name in done:  # finished shards were skipped, not recomputed
         assert (manifests / name.replace(".parquet", ".json")).read_bytes() == before[name]

@@ -36,7 +36,7 @@ def test_run_config_is_fixed_at_creation(tmp_path):
     assert Run.open(root, None, ["generate.n=4"]).config.generate.n == 4  # same value: fine
     with pytest.raises(ConfigError) as err:
         Run.open(root, None, ["generate.n=5", "train.lr=0.5"])
-    assert "these keys differ: generate.n, train.lr" in str(err.value)
+    assert "these keys differ: generate.n 4 -> 5, train.lr 0.0001 -> 0.5" in str(err.value)  # old -> new
     forced = Run.open(root, None, ["generate.n=5"], force=True)
     assert forced.config.generate.n == 5 and Run.open(root).config.generate.n == 5
     # operational keys never fix a run
@@ -51,7 +51,8 @@ def test_input_policy_needs_a_complete_policy(tmp_path):
     (tmp_path / "r" / "policy-000" / "scope-policy.json").write_text("{}")
     assert run.input_policy(1).name == "policy-000"
     (tmp_path / "r" / "policy-001").mkdir()  # half-written: no marker
-    with pytest.raises(RunError, match="policy-001.*last complete policy is policy-000; run round 1"):
+    with pytest.raises(RunError, match="policy-001.*last complete policy is policy-000; run `scope round 1 "
+                                       f"--run {tmp_path / 'r'}` first"):
         run.input_policy(2)
 
 

@@ -35,7 +35,6 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

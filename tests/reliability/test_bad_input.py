@@ -48,11 +48,11 @@ def test_truncated_shard_is_named_and_nothing_is_lost(reference, tmp_path):
     before = snapshot(root)
     res = cli("verify", "--round", "1", "--run", str(root))
     one_line_error(res, "round-001/rollouts: 3 of 4 shards finished", "shard-00001.parquet",
-                   "run `scope generate --round 1`")
+                   f"run `scope generate --round 1 --run {root}`")
     assert snapshot(root) == before
     # the named command repairs it: only the damaged shard is computed again
     res = cli("generate", "--round", "1", "--run", str(root))
-    assert res.exit_code == 0 and "generate: shard 1 (" in res.output and "shard 0 (" not in res.output
+    assert res.exit_code == 0 and "generate: round 1: shard 1 (" in res.output and "shard 0 (" not in res.output
     assert cli("verify", "--round", "1", "--run", str(root), "--quiet").exit_code == 0
     ref = data_files(reference["root"])
     assert {k: v for k, v in data_files(root).items() if k in ref} == ref
@@ -110,23 +110,24 @@ def test_empty_shard_passes_through(reference, tmp_path):
 
 # ---- order of stages ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage, message", [
-    ("verify", "round-001/rollouts: no shards (run `scope generate --round 1` first)"),
-    ("prm-score", "round-001/verified: no shards (run `scope verify --round 1` first)"),
-    ("locate-error", "round-001/scored: no shards (run `scope prm-score --round 1` first)"),
-    ("rectify", "round-001/located: no shards (run `scope locate-error --round 1` first)"),
-    ("train-step", "round-001/rectified: no shards (run `scope rectify --round 1` first)"),
+    ("verify", "round-001/rollouts: no shards (run `scope generate --round 1 --run {root}` first)"),
+    ("prm-score", "round-001/verified: no shards (run `scope verify --round 1 --run {root}` first)"),
+    ("locate-error", "round-001/scored: no shards (run `scope prm-score --round 1 --run {root}` first)"),
+    ("rectify", "round-001/located: no shards (run `scope locate-error --round 1 --run {root}` first)"),
+    ("train-step", "round-001/rectified: no shards (run `scope rectify --round 1 --run {root}` first)"),
 ])
 def test_stage_before_its_input_exists(prepared, tmp_path, stage, message):
+    """The hint names the command that writes the input, with this run: pasted, it targets it."""
     root = copy_run(prepared, tmp_path / "run")
     before = snapshot(root)
-    one_line_error(cli(stage, "--round", "1", "--run", str(root)), message)
+    one_line_error(cli(stage, "--round", "1", "--run", str(root)), message.format(root=root))
     assert snapshot(root) == before
 
 
 def test_later_round_and_eval_before_their_policy(prepared, tmp_path):
     root = copy_run(prepared, tmp_path / "run")
     one_line_error(cli("generate", "--round", "2", "--run", str(root)),
-                   "policy-001: policy missing or incomplete", "run round 1 first")
+                   "policy-001: policy missing or incomplete", f"run `scope round 1 --run {root}` first")
     one_line_error(cli("eval", "--round", "1", "--run", str(root)), "policy-001: policy missing or incomplete")
     one_line_error(cli("status", "--run", str(tmp_path / "nowhere")), "no run here")
 
@@ -148,7 +149,8 @@ def test_stage_refuses_a_partly_done_upstream(reference, tmp_path, stage, upstre
     manifest_path(run.stage_dir(1, upstream), 2).unlink()
     before = snapshot(root)
     one_line_error(cli(stage, "--round", "1", "--run", str(root)),
-                   f"round-001/{upstream}: 3 of 4 shards finished", "shard-00002.parquet", writer)
+                   f"round-001/{upstream}: 3 of 4 shards finished", "shard-00002.parquet",
+                   f"{writer} --run {root}")
     assert snapshot(root) == before
     assert not (run.root / "round-001" / downstream).exists() or not list_shard_files(
         run.root / "round-001" / downstream)
@@ -176,7 +178,8 @@ def test_config_errors_on_the_command_line(reference, tmp_path):
     root = copy_run(reference["root"], tmp_path / "run")
     before = snapshot(root)
     one_line_error(cli("verify", "--round", "1", "--run", str(root), "--set", "verify.timeout=9",
-                       "--set", "run.algo=grpo"), "these keys differ: run.algo, verify.timeout", "--force")
+                       "--set", "run.algo=grpo"),
+                   'these keys differ: run.algo "scope" -> "grpo", verify.timeout 5.0 -> 9.0', "--force")
     one_line_error(cli("verify", "--round", "1", "--run", str(root), "--set", "verify.timout=9"),
                    "unknown key 'timout'", "did you mean 'verify.timeout'?")
     assert snapshot(root) == before

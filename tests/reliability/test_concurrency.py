@@ -18,7 +18,7 @@ from scope_cli.app import app
 from scope_cli.runs import Run
 from scope_cli.shards import list_shard_files, manifest_path, shard_lock, shard_path
 
-SHARD_LINE = re.compile(r"^(generate|verify|prm-score|locate-error|rectify|eval): shard (\d+) \(", re.M)
+SHARD_LINE = re.compile(r"^(generate|verify|prm-score|locate-error|rectify|eval): round \d+: shard (\d+) \(", re.M)
 
 
 @pytest.mark.timeout(900)
@@ -43,13 +43,13 @@ def test_scope_round_started_twice_computes_each_shard_once(reference, prepared,
             assert "Traceback" not in text
     assert rerun["code"] == 0
     # every shard computed exactly once over the three processes (eval: once per evaluated round,
-    # rounds 0 and the target, whose lines look alike)
+    # rounds 0 and the target)
     computed = Counter((stage, int(i)) for text in texts for stage, i in SHARD_LINE.findall(text))
     want = Counter({(stage, i): 2 if stage == "eval" else 1 for stage in
                     ("generate", "verify", "prm-score", "locate-error", "rectify", "eval")
                     for i in range(2 if stage == "eval" else 4)})
     assert computed == want, f"computed more or less than once: {computed - want} {want - computed}"
-    trained = sum(text.count("train-step: round 1:") for text in texts)
+    trained = sum(len(re.findall(r"train-step: round 1: \d+ updates", text)) for text in texts)
     assert trained == 1
     diff = compare_runs(reference["root"], root)
     TALLY["runs_compared"] += 1
@@ -69,8 +69,8 @@ def test_force_beside_a_running_worker_leaves_its_shard_alone(reference, tmp_pat
         assert held
         res = CliRunner().invoke(app, ["generate", "--round", "1", "--run", str(root), "--force"])
     assert res.exit_code == 0, res.output
-    assert "generate: shard 1 is being computed by another process; left to it" in res.output
-    assert re.findall(r"generate: shard (\d+) \(", res.output) == ["0", "2", "3"]
+    assert "generate: round 1: shard 1 is being computed by another process; left to it" in res.output
+    assert re.findall(r"generate: round 1: shard (\d+) \(", res.output) == ["0", "2", "3"]
     assert manifest_path(rollouts, 1).read_bytes() == held_manifest  # untouched
     assert {p.name: p.read_bytes() for p in list_shard_files(rollouts)} == before
     assert not [p for p in rollouts.iterdir() if p.name.startswith(".")]
@@ -97,6 +97,6 @@ def test_a_lock_file_left_behind_never_blocks(reference, tmp_path):
     shard_path(verified, 2).unlink()
     res = CliRunner().invoke(app, ["verify", "--round", "1", "--run", str(root)])
     assert res.exit_code == 0, res.output
-    assert re.findall(r"verify: shard (\d+) \(", res.output) == ["2"]
+    assert re.findall(r"verify: round 1: shard (\d+) \(", res.output) == ["2"]
     assert shard_path(verified, 2).read_bytes() == shard_path(
         Run.open(reference["root"]).stage_dir(1, "verified"), 2).read_bytes()

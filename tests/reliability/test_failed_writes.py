@@ -120,7 +120,7 @@ def test_incomplete_policy_is_never_used(reference, tmp_path):
     (run.policy_dir(1) / "scope-policy.json").unlink()
     res = cli("generate", "--round", "2", "--run", str(root))
     one_line_error(res, "policy-001: policy missing or incomplete",
-                   "the last complete policy is policy-000; run round 1")
+                   f"the last complete policy is policy-000; run `scope round 1 --run {root}` first")
     assert not run.stage_dir(2, "rollouts").exists()
     assert cli("round", "1", "--run", str(root), "--quiet").exit_code == 0
     same_as_reference(reference, root, "policy-001/")
@@ -136,7 +136,7 @@ def test_damaged_complete_policy_is_refused(reference, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     res = cli("generate", "--round", "2", "--run", str(root))
     one_line_error(res, "policy-001/model.safetensors: 1000 bytes where its manifest records",
-                   "run `scope train-step --round 1`")
+                   f"run `scope train-step --round 1 --run {root}`")
     assert list_shard_files(Run.open(root).stage_dir(2, "rollouts")) == []
     marker = Run.open(root).policy_dir(1) / "scope-policy.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
@@ -156,7 +156,7 @@ def test_damaged_train_state_is_refused(reference, tmp_path):
     state.write_bytes(good[: len(good) // 2])
     res = cli("train-step", "--round", "2", "--run", str(root), "--quiet")
     one_line_error(res, "state/optimizer.safetensors: ", "bytes where its manifest records",
-                   "run `scope train-step --round 1`")
+                   f"run `scope train-step --round 1 --run {root}`")
     assert not run.policy_dir(2).exists()
     assert cli("train-step", "--round", "1", "--run", str(root), "--quiet").exit_code == 0
     assert state.read_bytes() == good

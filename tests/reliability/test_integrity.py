@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 
 import pytest
@@ -83,6 +84,7 @@ def test_a_flipped_bit_is_named_and_its_command_restores_the_bytes(reference, tm
 
     code, problems = status_problems(root)
     assert code == 1 and len(problems) == 1, problems
+    repair = f"{repair} --run {root}"  # the hint aims at this run
     assert f"{root / rel}: content differs from its manifest (sha256); run `{repair}`" in problems[0]
 
     if reader is not None:
@@ -90,8 +92,8 @@ def test_a_flipped_bit_is_named_and_its_command_restores_the_bytes(reference, tm
         res = cli(*args, *([] if args[0] == "report" else ["--run", root, "--quiet"]))
         one_line_error(res, f"{root / rel}: content differs from its manifest (sha256)", f"run `{repair}`")
 
-    command = re.search(r"run `scope ([^`]+)`", problems[0]).group(1).split()
-    assert cli(*command, "--run", root, "--quiet").exit_code == 0
+    command = shlex.split(re.search(r"run `scope ([^`]+)`", problems[0]).group(1))
+    assert cli(*command, "--quiet").exit_code == 0
     assert_same_as(reference["root"], root)
     assert status_problems(root) == (0, [])
     assert cli("status", "--run", root, "--verify").exit_code == 0
@@ -133,11 +135,11 @@ def test_a_manifest_that_is_not_a_manifest(reference, tmp_path, text):
     man.write_text(text)
     code, problems = status_problems(root)
     assert code == 1 and len(problems) == 1 and f"{man}: " in problems[0], problems
-    assert "run `scope generate --round 1`" in problems[0]
+    assert f"run `scope generate --round 1 --run {root}`" in problems[0]
     one_line_error(cli("verify", "--round", "1", "--run", root, "--force"), f"{man}: ",
-                   "run `scope generate --round 1`")
+                   f"run `scope generate --round 1 --run {root}`")
     res = cli("generate", "--round", "1", "--run", root)
-    assert res.exit_code == 0 and "generate: shard 1 (" in res.output and "shard 0 (" not in res.output
+    assert res.exit_code == 0 and "generate: round 1: shard 1 (" in res.output and "shard 0 (" not in res.output
     assert_same_as(reference["root"], root)
     assert status_problems(root) == (0, [])
 
