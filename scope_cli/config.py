@@ -48,7 +48,9 @@ class RunConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # default task for rows whose data_source names none: arith | math
+    # the task of a file source's rows that name none (in task or data_source): math | choice; arith
+    # (the default) is the built-in source's task, so such rows are read as math
+    name: str = "arith"
 
 
 @dataclass
