@@ -101,6 +101,11 @@ class GenerateConfig:
 class VerifyConfig:
     workers: int = op(2)
     timeout: float = 5.0  # seconds per item, enforced from outside the worker
+    # where the answer comes from (verify, eval and rectify's re-verification): boxed (the last
+    # \boxed{}, what the prompts ask for) | auto (math-verify's own LaTeX and plain-expression
+    # extraction over the whole response, for free-form answers; a row where it finds none is
+    # no_answer). Measured agreement with hand labels: README "Answers in free form"
+    extract: str = "boxed"
     format_reward: float = 0.0  # reward given when \boxed{} is missing (off: 0)
     truncation_penalty: float = 0.0  # subtracted when finish_reason == "length"
 
@@ -246,6 +251,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.algo": ("grpo", "luffy", "scope"),
     "task.name": ("arith", "math", "choice"),
+    "verify.extract": ("boxed", "auto"),
     "policy.dtype": ("float32", "bfloat16", "float16"),
     "generate.backend": ("hf", "vllm", "auto"),
     "generate.dtype": ("float32", "bfloat16", "float16"),

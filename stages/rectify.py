@@ -47,7 +47,7 @@ from typing import Any
 import pyarrow as pa
 
 from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
-from scope_cli.backends.verifier import Verifier, check_answers, reward
+from scope_cli.backends.verifier import Verifier, check_responses, reward
 from scope_cli.config import config_hash
 from scope_cli.runs import Run, row_seed
 from scope_cli.schema import LOCATED, RECTIFIED
@@ -125,16 +125,16 @@ def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, 
 
 def row_verifier(pool: Verifier, verify_cfg: Any):
     """rows -> their verify columns (pred, correct, reward, verify_status), checked against each row's
-    answer as the verify stage does (math-verify in the verifier's worker pool; choice rows by letter)."""
+    answer as the verify stage does (math-verify in the verifier's worker pool with verify.extract;
+    choice rows by letter)."""
 
     def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        preds = [get_task(r["task"]).extract_answer(r["response"]) for r in rows]
-        verdicts = check_answers(pool, [r["task"] for r in rows],
-                                 [(r["answer"], p) for r, p in zip(rows, preds)])
-        return [{"pred": p, "correct": v.correct, "verify_status": v.status,
+        verdicts = check_responses(pool, [r["task"] for r in rows], [r["answer"] for r in rows],
+                                   [r["response"] for r in rows], verify_cfg.extract)
+        return [{"pred": v.pred, "correct": v.correct, "verify_status": v.status,
                  "reward": reward(v, r["finish_reason"], verify_cfg.format_reward,
                                   verify_cfg.truncation_penalty)}
-                for r, p, v in zip(rows, preds, verdicts)]
+                for r, v in zip(rows, verdicts)]
 
     return check
 
