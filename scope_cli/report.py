@@ -215,9 +215,12 @@ def figure(runs: list[RunData], title: str | None = None) -> Any:
                 ax.set_ylim(-0.02, 1.02)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
+    updates = [u for r in runs for u in r.updates.values()] + [u for r in runs for u, _ in r.entropy]
+    for ax in axes.flat:  # one x range for every panel, so a column of points lines up
+        ax.set_xlim(min(updates) - 0.5, max(updates) + 0.5)
     handles = [plt.Line2D([], [], color=colours[i % 10], lw=2, marker="o", label=run.name)
                for i, run in enumerate(runs)]
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 6), frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 6), frameon=False)
     fig.suptitle(title or "scope report: " + ", ".join(r.name for r in runs))
     return fig
 
