@@ -227,6 +227,25 @@ def test_auto_extraction_through_the_verify_command(tmp_path):
     assert agree["auto"] > agree["boxed"]
 
 
+def test_real_model_answers_in_both_modes(pool):
+    """SmolLM2-135M-Instruct's own answers to the shipped word problems, labelled by reading them
+    (bench/free_form_bench.py prints the agreement): boxed mode finds no answer without a box, auto
+    credits every answer right by hand and agrees with the hand label at least as often."""
+    from scope_cli.backends.verifier import check_responses
+
+    cases = free_form_cases("smollm2-free-form.jsonl")
+    golds, texts = [c["gold"] for c in cases], [c["response"] for c in cases]
+    boxed = check_responses(pool, ["math"] * len(cases), golds, texts, "boxed")
+    auto = check_responses(pool, ["math"] * len(cases), golds, texts, "auto")
+    for case, b, a in zip(cases, boxed, auto):
+        if "\\boxed" not in case["response"]:
+            assert b.status == "no_answer", case["note"]
+        if case["correct"]:
+            assert a.correct, case["note"]
+    agree = [sum(v.correct == c["correct"] for c, v in zip(cases, verdicts)) for verdicts in (boxed, auto)]
+    assert agree[1] >= agree[0]
+
+
 def test_auto_in_eval_and_rectify_and_choice_rows_keep_their_letters(pool):
     from scope_cli.backends.verifier import check_responses
     from stages.eval import check
