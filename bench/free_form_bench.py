@@ -60,7 +60,7 @@ def main() -> None:
                     if line.strip()]
             table = agreement(rows, verifier)
             for group, modes in table.items():
-                sub = rows if group == "all" else [r for r in rows if (r.get("kind") or r.get("prompt")) == group]
+                sub = [r for r in rows if group in ("all", r.get("kind") or r.get("prompt"))]
                 right = sum(r["correct"] for r in sub)
                 cells = [f"{a}/{n} ({a / n:.0%})" for a, n, _ in (modes["boxed"], modes["auto"])]
                 cells += [f"{c}/{right}" for _, _, c in (modes["boxed"], modes["auto"])]
