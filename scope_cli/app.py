@@ -392,18 +392,19 @@ def eval_(
 def report(
     runs: Annotated[list[str], typer.Argument(help="run names (under $SCOPE_RUNS_DIR or ./runs) or paths")],
     out: Annotated[Optional[str], typer.Option(
-        "--out", "-o", help="folder for report.png and report.md (default: <runs dir>/reports)")] = None,
+        "--out", "-o", help="folder for report.png, report.pdf and report.md "
+                            "(default: reports/<run>-vs-<run> in the current folder)")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="the figure's title")] = None,
 ) -> None:
-    """One figure (accuracy, pass@k, diversity, entropy against optimizer updates) and one markdown
-    table comparing runs."""
-    from pathlib import Path
-
+    """One figure (accuracy, pass@k, diversity, entropy against optimizer updates; PNG and PDF) and
+    one markdown table comparing runs. A run without an eval is skipped and named."""
     from scope_cli.report import report as write_report
 
-    out_dir = Path(out) if out else Path(os.environ.get("SCOPE_RUNS_DIR", "runs")) / "reports"
-    result = write_report([run_path(r) for r in runs], out_dir)
+    result = write_report([run_path(r) for r in runs], out, title)
     typer.echo(result["table"])
-    typer.echo(f"wrote {result['png']} and {result['markdown']}")
+    for skipped in result["skipped"]:
+        typer.echo(f"skipped {skipped}")
+    typer.echo(f"wrote {result['png']}, {result['pdf']} and {result['markdown']}")
 
 
 @app.command("round")

@@ -78,6 +78,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.algo": ("grpo", "luffy", "scope"),
     "task.name": ("arith", "math", "choice"),
+    "verify.extract": ("boxed", "auto"),
     "policy.dtype": ("float32", "bfloat16", "float16"),
     "generate.backend": ("hf", "vllm", "auto"),
     "generate.dtype": ("float32", "bfloat16", "float16"),

@@ -1,16 +1,23 @@
-"""`scope report RUN [RUN ...] [--out DIR]`: one figure and one markdown table comparing runs.
+"""`scope report RUN [RUN ...] [--out DIR] [--title T]`: one figure and one markdown table comparing runs.
 
-    scope report grpo scope luffy --out reports/arith
+    scope report grpo scope luffy                 # -> reports/grpo-vs-scope-vs-luffy/
+    scope report grpo scope --out paper/fig3 --title "GRPO vs SCOPE, arith"
 
 Reads each run's round-R/eval/summary.parquet (written by `scope eval`), round-R/eval/training.parquet
-(or the round's stage tables) and round-R/train/metrics.parquet, and writes to DIR:
+(or the round's stage tables) and round-R/train/metrics.parquet, and writes to DIR (default
+reports/<run>-vs-<run>/ in the current folder: never inside the runs folder, where it would look
+like a run):
 
-- report.png: accuracy, pass@k, diversity and policy entropy against optimizer updates (round R sits
-  at the last update of its train-step; round 0, the base policy, at update 0), one colour per run;
+- report.png (200 dpi) and report.pdf (vector): one row per metric family, one panel per metric,
+  one colour per run (legend on top), against optimizer updates (integer ticks; round R sits at the
+  last update of its train-step, round 0, the base policy, at update 0): accuracy (greedy, else
+  avg@1) on each eval set; pass@k for each k on the first set; diversity on the first set (distinct
+  correct solutions, distinct-2) and the policy's entropy during train-step. Fractions are drawn on
+  the full, shared 0-1 axis, so equal changes look equal; entropy has its own axis.
 - report.md: the same numbers as a table, one row per run and evaluated round (also printed).
 
-Accuracy is greedy accuracy on every eval set (one line style per set); pass@k and diversity are on
-the first eval set. Nothing here writes into the runs.
+A run without any eval summary is skipped and named (in the output and report.md); with none left
+the command fails. Nothing here writes into the runs; PNG and PDF carry no timestamps.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from typing import Any
 
 from scope_cli.errors import ScopeError
 
-LINESTYLES = ("-", "--", ":", "-.")
-
 
 class ReportError(ScopeError):
     """Nothing to report: one line naming the run folder and what is missing."""
+
+
+class NoEvalError(ReportError):
+    """A run without an eval summary: skipped when other runs have one."""
 
 
 @dataclass
@@ -104,7 +113,7 @@ def load_run(root: Path) -> RunData:
         elif round_ > 0:
             data.training.update({(round_, k): v for k, v in training_metrics(run, round_).items()})
     if not data.summary:
-        raise ReportError(f"{root}: no round-*/eval/summary.parquet (run `{run_command(root, 'eval --round 0')}` "
+        raise NoEvalError(f"{root}: no round-*/eval/summary.parquet (run `{run_command(root, 'eval --round 0')}` "
                           "first)")
     data.entropy.sort()
     return data
@@ -153,52 +162,104 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 # ---- the figure --------------------------------------------------------------------------------------
+@dataclass
+class Panel:
+    """One axes of the figure: a metric of one eval set (or the train-step entropy, eval_set None)."""
+
+    family: str  # the figure row: accuracy | pass@k | diversity
+    title: str
+    ylabel: str
+    metric: str
+    eval_set: str | None
+    unit: bool  # a fraction in [0, 1]: drawn on the full 0-1 axis, shared with the other fractions
+
+
+def panels(runs: list[RunData]) -> list[Panel]:
+    """The figure's panels, one per metric: accuracy per eval set, pass@k per k and diversity on the
+    first set, and the policy's entropy during train-step."""
+    sets = list(dict.fromkeys(s for r in runs for s in r.sets))
+    first = sets[0]
+    present = {m for r in runs for (_, s, m) in r.summary if s == first}
+    greedy = any(m == "greedy_acc" for r in runs for (_, _, m) in r.summary)
+    acc = "greedy_acc" if greedy else "avg@1"
+    out = [Panel("accuracy", f"{s}: {'greedy' if greedy else 'avg@1'} accuracy", "accuracy", acc, s, True)
+           for s in sets]
+    ks = sorted(int(m[5:]) for m in present if m.startswith("pass@"))
+    out += [Panel("pass@k", f"{first}: pass@{k}", f"pass@{k}", f"pass@{k}", first, True) for k in ks]
+    if "distinct_correct_norm" in present:
+        out.append(Panel("diversity", f"{first}: distinct correct solutions",
+                         "(distinct − 1) / (correct − 1)", "distinct_correct_norm", first, True))
+    if "distinct-2" in present:
+        out.append(Panel("diversity", f"{first}: distinct-2", "distinct bigrams / bigrams",
+                         "distinct-2", first, True))
+    if any(r.entropy for r in runs):
+        out.append(Panel("diversity", "policy entropy (train-step)", "entropy (nats / token)",
+                         "entropy", None, False))
+    return out
+
+
+def figure(runs: list[RunData], title: str | None = None) -> Any:
+    """The report figure: one row per metric family (accuracy, pass@k, diversity), one panel per
+    metric, one colour per run; fractions share the 0-1 axis; x is optimizer updates (integers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    chosen = panels(runs)
+    families = list(dict.fromkeys(p.family for p in chosen))
+    rows = [[p for p in chosen if p.family == f] for f in families]
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(4.2 * cols, 3.3 * len(rows) + 0.8),
+                             squeeze=False, constrained_layout=True)
+    colours = plt.get_cmap("tab10").colors
+    for row, row_axes in zip(rows, axes):
+        for ax in row_axes[len(row):]:
+            ax.set_visible(False)
+        for panel, ax in zip(row, row_axes):
+            for i, run in enumerate(runs):
+                if panel.eval_set is None:
+                    xs, ys = [u for u, _ in run.entropy], [e for _, e in run.entropy]
+                    ax.plot(xs, ys, color=colours[i % 10], lw=1.5)
+                else:
+                    xs, ys = _series(run, panel.eval_set, panel.metric)
+                    ax.plot(xs, ys, color=colours[i % 10], lw=1.8, marker="o", ms=4)
+            ax.set_title(panel.title, fontsize=10)
+            ax.set_xlabel("optimizer updates")
+            ax.set_ylabel(panel.ylabel)
+            if panel.unit:
+                ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+    updates = [u for r in runs for u in r.updates.values()] + [u for r in runs for u, _ in r.entropy]
+    for ax in axes.flat:  # one x range for every panel, so a column of points lines up
+        ax.set_xlim(min(updates) - 0.5, max(updates) + 0.5)
+    handles = [plt.Line2D([], [], color=colours[i % 10], lw=2, marker="o", label=run.name)
+               for i, run in enumerate(runs)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 6), frameon=False)
+    fig.suptitle(title or "scope report: " + ", ".join(r.name for r in runs))
+    return fig
+
+
 def _series(run: RunData, eval_set: str, metric: str) -> tuple[list[int], list[float]]:
     points = [(run.updates[r], v) for r in run.rounds
               if r in run.updates and (v := run.value(r, eval_set, metric)) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def figure_png(runs: list[RunData]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def figure_files(runs: list[RunData], title: str | None = None) -> dict[str, bytes]:
+    """The figure as PNG (200 dpi) and PDF bytes, without timestamps (same runs, same bytes)."""
     import matplotlib.pyplot as plt
 
-    sets = list(dict.fromkeys(s for r in runs for s in r.sets))
-    first = sets[0]
-    present = {m for r in runs for (_, s, m) in r.summary if s == first}
-    ks = sorted(int(m[5:]) for m in present if m.startswith("pass@"))
-    greedy = any(m == "greedy_acc" for m in present)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(runs):
-        colour = colours[i % len(colours)]
-        for j, eval_set in enumerate(sets):
-            xs, ys = _series(run, eval_set, "greedy_acc" if greedy else "avg@1")
-            axes[0, 0].plot(xs, ys, LINESTYLES[j % 4], marker="o", color=colour,
-                            label=f"{run.name} {eval_set}")
-        for j, k in enumerate(ks):
-            xs, ys = _series(run, first, f"pass@{k}")
-            axes[0, 1].plot(xs, ys, LINESTYLES[j % 4], marker="o", color=colour, label=f"{run.name} pass@{k}")
-        for j, metric in enumerate(("distinct_correct_norm", "distinct-2")):
-            xs, ys = _series(run, first, metric)
-            axes[1, 0].plot(xs, ys, LINESTYLES[j % 4], marker="o", color=colour, label=f"{run.name} {metric}")
-        if run.entropy:
-            axes[1, 1].plot([u for u, _ in run.entropy], [e for _, e in run.entropy], color=colour,
-                            label=run.name)
-    titles = [f"{'greedy' if greedy else 'avg@1'} accuracy", f"pass@k ({first})",
-              f"diversity of correct solutions ({first})", "policy entropy (train-step)"]
-    for ax, title in zip(axes.flat, titles):
-        ax.set_title(title)
-        ax.set_xlabel("optimizer updates")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    fig = figure(runs, title)
+    out = {}
+    for fmt, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=200, metadata=metadata)
+        out[fmt] = buf.getvalue()
     plt.close(fig)
-    return buf.getvalue()
+    return out
 
 
 # ---- the command -------------------------------------------------------------------------------------
@@ -217,19 +278,36 @@ def _write_atomic(data: bytes, path: Path) -> None:
         raise
 
 
-def report(run_roots: list[Path], out_dir: Path) -> dict[str, Any]:
-    """Write report.png and report.md for the runs; returns their paths and the markdown text."""
+def default_out_dir(run_roots: list[Path]) -> Path:
+    """reports/<run>-vs-<run>/ in the current folder: outside the runs folder, one per comparison."""
+    return Path("reports") / "-vs-".join(Path(r).name for r in run_roots)
+
+
+def report(run_roots: list[Path], out_dir: Path | None = None, title: str | None = None) -> dict[str, Any]:
+    """Write report.png, report.pdf and report.md for the runs; a run without an eval summary is
+    skipped and named in "skipped" (and in report.md). Returns the paths, the table and the skips."""
     if not run_roots:
         raise ReportError("no runs given (scope report RUN [RUN ...])")
-    runs = [load_run(Path(r)) for r in run_roots]
+    runs, skipped = [], []
+    for root in run_roots:
+        try:
+            runs.append(load_run(Path(root)))
+        except NoEvalError as exc:
+            skipped.append(str(exc))
+    if not runs:
+        raise ReportError("; ".join(skipped))
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # same folder name under different parents: use the paths
         for r in runs:
             r.name = str(r.root)
     header, rows = table_rows(runs)
     text = markdown(header, rows)
-    out_dir = Path(out_dir)
-    png, md = out_dir / "report.png", out_dir / "report.md"
-    _write_atomic(figure_png(runs), png)
-    _write_atomic(f"# scope report\n\n![report](report.png)\n\n{text}".encode(), md)
-    return {"png": png, "markdown": md, "table": text}
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(run_roots)
+    files = figure_files(runs, title)
+    paths = {fmt: out_dir / f"report.{fmt}" for fmt in files}
+    for fmt, data in files.items():
+        _write_atomic(data, paths[fmt])
+    md = out_dir / "report.md"
+    notes = "".join(f"\nSkipped: {s}\n" for s in skipped)
+    _write_atomic(f"# scope report\n\n![report](report.png)\n\n{text}{notes}".encode(), md)
+    return {"png": paths["png"], "pdf": paths["pdf"], "markdown": md, "table": text, "skipped": skipped}

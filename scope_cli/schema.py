@@ -62,6 +62,14 @@ RECTIFY_COLUMNS = [
     ("in_batch", pa.bool_()),  # false for a parent replaced by its rectified row
     ("parent_sample_idx", pa.int32()),
     ("offpolicy_start", pa.int32()),  # token index where guide tokens begin; null for policy rows
+    # the two parts of a new row's response as text (null for policy rows): kept_text is
+    # decode(response_ids[:offpolicy_start]) (the parent's own kept tokens; "" for reference rows),
+    # guide_text the text the guide wrote, which rectify tokenized into response_ids[offpolicy_start:].
+    # kept_text + guide_text == response wherever the tokenizer round-trips the guide's text.
+    # On new rows `policy` names the guide: "oracle:<task>", the model guide's folder name, or
+    # "reference" (luffy); policy rows keep the policy-NNN that sampled them.
+    ("kept_text", pa.string()),
+    ("guide_text", pa.string()),
 ]
 
 # columns added after runs were written with the schema: a shard without one reads as nulls (conform)

@@ -8,7 +8,7 @@ Eval sets are eval-sets/<name>.parquet (written by `scope prepare`; arith: heldo
 them or those named in eval.sets, each cut to its first eval.limit prompts when that is set. For each
 set it samples one greedy answer per prompt (eval.greedy) and, on the first eval.sampled_limit prompts,
 eval.n_samples answers at eval.temperature (top_p, top_k, stop and the backend from [generate]), verifies every answer with
-math-verify (the verify stage's pool and rules) and writes, into the eval folder:
+math-verify (the verify stage's pool and rules, verify.extract included) and writes, into the eval folder:
 
 - ``<set>-greedy.parquet``, ``<set>-sampled.parquet``: one row per sample (schema EVAL_SAMPLES below):
   the response, ``pred``, ``correct``, ``verify_status``, ``first_error_step`` (where the task has an
@@ -53,7 +53,7 @@ from scope_cli.backends.generation import (
     open_policy_engine,
     resolve_backend,
 )
-from scope_cli.backends.verifier import Verifier, check_answers
+from scope_cli.backends.verifier import Verifier, check_responses
 from scope_cli.config import Config, config_hash
 from scope_cli.console import progress_bars, rows_task
 from scope_cli.errors import ScopeError
@@ -93,7 +93,7 @@ from scope_cli.tasks import get_task, prompt_text
 CONFIG_KEYS = [
     "eval.greedy", "eval.n_samples", "eval.temperature", "eval.max_tokens", "eval.limit", "eval.sampled_limit", "eval.ks",
     "run.seed", "generate.backend", "generate.dtype", "generate.top_p", "generate.top_k", "generate.stop",
-    "generate.max_model_len", "verify.timeout", "policy.trust_remote_code",
+    "generate.max_model_len", "verify.timeout", "verify.extract", "policy.trust_remote_code",
 ]  # plus the policy's hash and the set's name (see stage_hash)
 EVAL_SEED_ROUND = -1  # the round row_seed sees for eval samples: no training round is negative
 MODES = ("greedy", "sampled")
@@ -219,16 +219,15 @@ def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sam
     return rows
 
 
-def check(rows: list[dict[str, Any]], verifier: Verifier) -> list[dict[str, Any]]:
-    """Add pred, correct, verify_status (math-verify, or the task's own check: choice letters),
-    first_error_step and canonical_solution."""
+def check(rows: list[dict[str, Any]], verifier: Verifier, extract: str = "boxed") -> list[dict[str, Any]]:
+    """Add pred, correct, verify_status (math-verify with verify.extract, or the task's own check:
+    choice letters), first_error_step and canonical_solution."""
     tasks = [get_task(r["task"]) for r in rows]
-    preds = [t.extract_answer(r["response"]) for t, r in zip(tasks, rows)]
-    verdicts = check_answers(verifier, [r["task"] for r in rows],
-                             [(r["answer"], p) for r, p in zip(rows, preds)])
-    for r, t, p, v in zip(rows, tasks, preds, verdicts):
+    verdicts = check_responses(verifier, [r["task"] for r in rows], [r["answer"] for r in rows],
+                               [r["response"] for r in rows], extract)
+    for r, t, v in zip(rows, tasks, verdicts):
         checker = t.first_error_step
-        r.update(pred=p, correct=v.correct, verify_status=v.status,
+        r.update(pred=v.pred, correct=v.correct, verify_status=v.status,
                  first_error_step=checker(r["problem"], r["response"]) if checker else None,
                  canonical_solution=t.canonical_solution(r["response"]))
     return rows
@@ -251,7 +250,7 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
         task, update = (rows_task(bars, f"eval {policy} {eval_set}: {mode} answers ({len(subset)} "
                                   f"problems × {n})", len(subset) * n) if bars else (None, None))
         rows = check(sample(engine, subset, n, sampling, cfg.run.seed, policy, eval_set, mode, update),
-                     verifier)
+                     verifier, cfg.verify.extract)
         if bars:
             bars.remove_task(task)
         counters["prompt_too_long"] = max(counters["prompt_too_long"], len(subset) - len(rows) // n)

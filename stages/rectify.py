@@ -10,11 +10,13 @@ row depends on run.algo:
   first_error_step; never re-tokenized) + the guide's continuation tokenized with the policy's
   tokenizer (scope_cli/backends/guide.py: rectify.guide = oracle | model). ``offpolicy_start`` is
   where the guide tokens begin, ``response_logprobs`` keeps the parent's values on the prefix and is
-  null on guide tokens, ``origin = "rectified"``. The seam may be tokenized non-canonically (see
+  null on guide tokens, ``origin = "rectified"``, ``policy`` names the guide ("oracle:<task>" or
+  the model guide's folder name); ``kept_text`` and ``guide_text`` hold the two parts as text. The seam may be tokenized non-canonically (see
   scope_cli/steps.py). A model guide's continuation that fails re-verification is retried up to
   rectify.max_tries times (new seeds), then dropped and counted.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
-  ``offpolicy_start = 0``, ``origin = "reference"``, logprobs all null. A prompt without one is
+  ``offpolicy_start = 0``, ``origin = "reference"``, ``policy = "reference"``, ``kept_text = ""``,
+  logprobs all null. A prompt without one is
   counted and its row kept as it is.
 - grpo: pass-through (origin policy, in_batch true).
 
@@ -27,7 +29,8 @@ A new row joins only when it verifies (correct) and fits the policy's response b
 (generate.max_tokens tokens, so train-step sees no longer rows than generate writes); else it is
 retried (model guide) or dropped and counted. rectify.mode = replace (the parent gets
 ``in_batch = false``) or augment (both stay; train-step trains the parent only from its first wrong
-step). Policy rows have origin "policy", parent_sample_idx and offpolicy_start null. A new row
+step). Policy rows have origin "policy", parent_sample_idx, offpolicy_start, kept_text and
+guide_text null. A new row
 follows its parent in the table.
 
 Summary counters (manifest): salvaged, rectified (new rows that verified and joined), reference,
@@ -47,7 +50,7 @@ from typing import Any
 import pyarrow as pa
 
 from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
-from scope_cli.backends.verifier import Verifier, check_answers, reward
+from scope_cli.backends.verifier import Verifier, check_responses, reward
 from scope_cli.config import config_hash
 from scope_cli.runs import Run, row_seed
 from scope_cli.schema import LOCATED, RECTIFIED
@@ -106,19 +109,22 @@ def guide_tokens(tokenizer: Any, out: GuideOutput) -> list[int]:
 
 
 def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, ids: list[int],
-            offpolicy_start: int, finish_reason: str, tokenizer: Any,
-            stop: Sequence[str] = ()) -> dict[str, Any]:
-    """A guide-written row. A finished one ends with the policy's own EOS (stop_token_id), which
-    train-step trains on, unless a stop string (generate.stop) ended it."""
+            offpolicy_start: int, finish_reason: str, tokenizer: Any, guide: str,
+            guide_text: str, stop: Sequence[str] = ()) -> dict[str, Any]:
+    """A new row: `ids` = the parent's first offpolicy_start tokens + the tokens of `guide_text`,
+    written by the guide named `guide` (its `policy` column). A finished one ends with the policy's own
+    EOS (stop_token_id), which train-step trains on, unless a stop string (generate.stop) ended it."""
     task = get_task(parent["task"])
     lps = list(parent["response_logprobs"] or [])[:offpolicy_start] if offpolicy_start else []
     al = align_steps(task, tokenizer, ids)
     ended_by_eos = finish_reason == "stop" and not any(s and al.text.endswith(s) for s in stop)
+    kept_text = decode(tokenizer, ids[:offpolicy_start]) if offpolicy_start else ""
     return {**parent, "sample_idx": sample_idx, "seed": seed, "response": al.text,
-            "response_ids": ids,
+            "response_ids": ids, "policy": guide, "kept_text": kept_text, "guide_text": guide_text,
             "response_logprobs": lps + [None] * (len(ids) - offpolicy_start),
             "finish_reason": finish_reason,
-            "stop_token_id": tokenizer.eos_token_id if ended_by_eos else None, "steps": al.steps, "step_token_ends": al.step_token_ends,
+            "stop_token_id": tokenizer.eos_token_id if ended_by_eos else None, "steps": al.steps,
+            "step_token_ends": al.step_token_ends,
             "step_scores": None, "first_error_step": None, "salvage": False, "origin": origin,
             "in_batch": True, "parent_sample_idx": parent["sample_idx"],
             "offpolicy_start": offpolicy_start}
@@ -126,16 +132,16 @@ def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, 
 
 def row_verifier(pool: Verifier, verify_cfg: Any):
     """rows -> their verify columns (pred, correct, reward, verify_status), checked against each row's
-    answer as the verify stage does (math-verify in the verifier's worker pool; choice rows by letter)."""
+    answer as the verify stage does (math-verify in the verifier's worker pool with verify.extract;
+    choice rows by letter)."""
 
     def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        preds = [get_task(r["task"]).extract_answer(r["response"]) for r in rows]
-        verdicts = check_answers(pool, [r["task"] for r in rows],
-                                 [(r["answer"], p) for r, p in zip(rows, preds)])
-        return [{"pred": p, "correct": v.correct, "verify_status": v.status,
+        verdicts = check_responses(pool, [r["task"] for r in rows], [r["answer"] for r in rows],
+                                   [r["response"] for r in rows], verify_cfg.extract)
+        return [{"pred": v.pred, "correct": v.correct, "verify_status": v.status,
                  "reward": reward(v, r["finish_reason"], verify_cfg.format_reward,
                                   verify_cfg.truncation_penalty)}
-                for r, p, v in zip(rows, preds, verdicts)]
+                for r, v in zip(rows, verdicts)]
 
     return check
 
@@ -207,6 +213,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
                 candidates[i] = new_row(rows[i], origin="rectified", sample_idx=new_idx[i],
                                         seed=seeds[i], ids=ids, offpolicy_start=cut,
                                         finish_reason=out.finish_reason, tokenizer=tokenizer,
+                                        guide=guide.name(rows[i]), guide_text=out.text,
                                         stop=cfg.generate.stop)
             pending = admit(candidates)
         counts["dropped"] = len(pending)
@@ -225,7 +232,8 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
             ids = guide_tokens(tokenizer, GuideOutput(reference, "stop"))
             candidates[i] = new_row(rows[i], origin="reference", sample_idx=new_idx[i], seed=seeds[i],
                                     ids=ids, offpolicy_start=0, finish_reason="stop",
-                                    tokenizer=tokenizer, stop=cfg.generate.stop)
+                                    tokenizer=tokenizer, guide="reference", guide_text=reference,
+                                    stop=cfg.generate.stop)
         counts["dropped"] += len(admit(candidates))
         counts["reference"] = len(accepted)
 
@@ -233,7 +241,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
     for i, row in enumerate(rows):
         replaced = i in accepted and mode == "replace"
         out.append({**row, "origin": "policy", "in_batch": not replaced, "parent_sample_idx": None,
-                    "offpolicy_start": None})
+                    "offpolicy_start": None, "kept_text": None, "guide_text": None})
         if i in accepted:
             out.append(accepted[i])
     n_new = counts["rectified"]

@@ -4,8 +4,10 @@
 
 Reads round-R/rollouts/ and writes round-R/verified/ (schema VERIFIED), shard N from shard N, adding:
 
-- ``pred``: the answer the row's task extracts (`task.extract_answer`: the last ``\\boxed{...}``), null
-  when there is none;
+- ``pred``: the answer, null when there is none. verify.extract = boxed (the default): what the row's
+  task extracts (`task.extract_answer`: the last ``\\boxed{...}``); auto: what math-verify's own
+  LaTeX and plain-expression extractors find in the whole response (free-form answers such as
+  "Therefore, there are 29 valid strings"; see scope_cli/backends/verifier.py);
 - ``verify_status``: ``ok`` (compared), ``no_answer`` (nothing to compare), ``timeout`` (the item passed
   verify.timeout seconds and was stopped from outside), ``error`` (the gold answer does not parse, or
   the parser failed);
@@ -29,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.verifier import STATUSES, Verifier, check_answers, reward
+from scope_cli.backends.verifier import STATUSES, Verifier, check_responses, reward
 from scope_cli.config import config_hash
 from scope_cli.runs import Run
 from scope_cli.schema import ROLLOUTS, VERIFIED, conform
@@ -41,9 +43,8 @@ from scope_cli.shards import (
     read_shard,
     run_shards,
 )
-from scope_cli.tasks import get_task
 
-CONFIG_KEYS = ["verify"]  # timeout, format_reward, truncation_penalty (workers is operational)
+CONFIG_KEYS = ["verify"]  # timeout, extract, format_reward, truncation_penalty (workers: operational)
 
 
 def verify_table(table: pa.Table, verifier: Verifier, cfg: Any) -> tuple[pa.Table, dict[str, Any]]:
@@ -52,8 +53,8 @@ def verify_table(table: pa.Table, verifier: Verifier, cfg: Any) -> tuple[pa.Tabl
     responses = table.column("response").to_pylist()
     answers = table.column("answer").to_pylist()
     finish = table.column("finish_reason").to_pylist()
-    preds = [get_task(t).extract_answer(r or "") for t, r in zip(tasks, responses)]
-    verdicts = check_answers(verifier, tasks, list(zip(answers, preds)))
+    verdicts = check_responses(verifier, tasks, answers, responses, cfg.verify.extract)
+    preds = [v.pred for v in verdicts]
     rewards = [reward(v, f, cfg.verify.format_reward, cfg.verify.truncation_penalty)
                for v, f in zip(verdicts, finish)]
     out = table

@@ -171,3 +171,96 @@ def test_cli_prepare_status_and_errors(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "these keys differ: generate.n" in res.output
     res = cli.invoke(app, ["status", "--run", "nothing"])
     assert res.exit_code == 2 and "no run here" in res.output
+
+
+# ---- datasets: save_to_disk folders, the hub cache, the default task of a file ------------------------
+MATH_ROWS = {"problem": ["Tom has 3 apples and buys 4 more. How many now?", "What is 6 times 5?",
+                         "Solve x+2=5."],
+             "answer": ["7", "30", "3"], "solution": ["3 + 4 = 7. \\boxed{7}", None, "x = 3"]}
+
+
+def test_save_to_disk_folder_loads_as_a_folder_and_as_hf(tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(MATH_ROWS),
+                          "test": datasets.Dataset.from_dict({"problem": ["What is 2+2?"],
+                                                              "answer": ["4"]})}).save_to_disk(folder)
+    for i, source in enumerate([str(folder), f"hf:{folder}"]):
+        run = Run.open(tmp_path / f"run{i}", None, ["policy.path=" + POLICY, "generate.prompts_per_round=3",
+                                                    f"prepare.source={source}",
+                                                    f'prepare.eval_sources=["held=hf:{folder}"]'],
+                       create=True)
+        summary = prepare(run, quiet=True)
+        rows = read_stage(run.prompts_dir).to_pylist()
+        assert summary["prompts"] == 3 and summary["eval:held"] == 1
+        assert [r["problem"] for r in rows] == MATH_ROWS["problem"]
+        assert [r["task"] for r in rows] == ["math"] * 3  # a file source defaults to math
+        assert rows[0]["solution"] == "3 + 4 = 7. \\boxed{7}" and rows[1]["solution"] is None
+        held = pq.read_table(run.eval_sets_dir / "held.parquet").to_pylist()
+        assert [r["problem"] for r in held] == ["What is 2+2?"]
+    run = make_run(tmp_path / "bad", f"prepare.source=hf:{folder}", "prepare.split=validation")
+    with pytest.raises(PrepareError, match="no split 'validation' \\(have: train, test\\); set prepare.split"):
+        prepare(run, quiet=True)
+
+
+def hub_cache(root, repo_id):
+    """What an online `load_dataset(repo_id)` leaves in the datasets cache
+    (<cache>/<owner>___<name>/<config>/<version>/<commit>/<name>-<split>.arrow + dataset_info.json),
+    built here from a local Parquet file, so that an offline load finds it."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    owner, name = repo_id.split("/")
+    src = root / "train.parquet"
+    pq.write_table(pa.table(MATH_ROWS), src)
+    builder = Parquet(cache_dir=str(root / "build"), dataset_name=name,
+                      data_files=DataFilesDict.from_patterns({"train": [str(src)]}))
+    builder.download_and_prepare()
+    cache = root / "datasets-cache"
+    commit = cache / f"{owner}___{name}" / "default" / "0.0.0" / ("0123456789abcdef" * 3)[:40]
+    commit.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(builder.cache_dir, commit)
+    return cache
+
+
+def test_hf_id_loads_offline_from_the_local_cache(tmp_path):
+    """`hf:owner/name` with HF_HUB_OFFLINE=1: `datasets` reads the copy in HF_DATASETS_CACHE."""
+    import os
+    import subprocess
+    import sys
+
+    cache = hub_cache(tmp_path, "someone/tiny-math")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(cache),
+           "PYTHONPATH": str(root), "SCOPE_RUNS_DIR": str(tmp_path / "runs")}
+    base = [sys.executable, "-m", "scope_cli.app", "prepare", "--quiet",
+            "--set", f"policy.path={POLICY}", "--set", "generate.prompts_per_round=3"]
+    res = subprocess.run([*base, "--run", "hub", "--set", "prepare.source=hf:someone/tiny-math"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = read_stage(tmp_path / "runs" / "hub" / "prompts").to_pylist()
+    assert [r["problem"] for r in rows] == MATH_ROWS["problem"] and rows[2]["answer"] == "3"
+    # not in the cache and offline: one line naming the source
+    res = subprocess.run([*base, "--run", "missing", "--set", "prepare.source=hf:someone/absent"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "hf:someone/absent: cannot load with `datasets` (ConnectionError" in res.stdout + res.stderr
+
+
+def test_file_rows_default_to_math_and_an_arith_row_must_be_arith(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"problem": "What is 6 times 5?", "answer": "30"}) + "\n"
+                   + json.dumps({"problem": "7+5-7", "answer": "5", "data_source": "arith"}) + "\n")
+    run = make_run(tmp_path, f"prepare.source={src}", "generate.prompts_per_round=2")  # task.name: arith
+    prepare(run, quiet=True)
+    rows = read_stage(run.prompts_dir).to_pylist()
+    assert [(r["task"], r["data_source"]) for r in rows] == [("math", "math"), ("arith", "arith")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "What is 6 times 5?", "answer": "30", "task": "arith"}) + "\n")
+    with pytest.raises(PrepareError, match="bad.jsonl:1: field problem: 'What is 6 times 5\\?' is not an "
+                                           "arith problem .*the row's task or data_source says arith"):
+        prepare(make_run(tmp_path / "b", f"prepare.source={bad}"), quiet=True)

@@ -42,11 +42,27 @@ def run_round(tmp_path, policy, overrides=()):
     return run
 
 
+def check_texts(df: pl.DataFrame, guide: str, tok=None):
+    """New rows read as text: kept_text is the decode of the kept tokens and kept_text + guide_text is
+    the response (the tokenizers here round-trip); `policy` names the guide; policy rows have none."""
+    tok = tok or build_arith_tokenizer()
+    for row in df.filter(pl.col("origin") != "policy").iter_rows(named=True):
+        k = row["offpolicy_start"]
+        assert row["kept_text"] == (tok.decode(row["response_ids"][:k]) if k else "")
+        assert row["kept_text"] + row["guide_text"] == row["response"]
+        assert tok.encode(row["guide_text"], add_special_tokens=False) == row["response_ids"][k:]
+        assert row["policy"] == guide
+    policy_rows = df.filter(pl.col("origin") == "policy")
+    assert policy_rows["kept_text"].null_count() == policy_rows["guide_text"].null_count() == policy_rows.height
+    assert (policy_rows["policy"] == "policy-000").all()
+
+
 def check_spliced_rows(df: pl.DataFrame, origin="rectified"):
     """Every new row's first offpolicy_start tokens are its parent's, exactly, and it verified."""
     new = df.filter(pl.col("origin") == origin)
     parents = df.filter(pl.col("origin") == "policy")
     assert new.height > 0
+    check_texts(df, "oracle:arith" if origin == "rectified" else "reference")
     for row in new.iter_rows(named=True):
         parent = parents.filter((pl.col("prompt_id") == row["prompt_id"])
                                 & (pl.col("sample_idx") == row["parent_sample_idx"])).row(0, named=True)
@@ -113,7 +129,9 @@ def test_luffy_replaces_with_the_reference_and_grpo_passes_through(tmp_path, pol
     assert ref.height == 4
     for row in ref.iter_rows(named=True):
         assert row["offpolicy_start"] == 0 and row["response"] == row["solution"]
+        assert row["kept_text"] == "" and row["guide_text"] == row["solution"]
         assert all(v is None for v in row["response_logprobs"]) and row["reward"] == 1.0
+    check_texts(df, "reference")
     replaced = df.filter((pl.col("origin") == "policy") & ~pl.col("in_batch"))
     assert replaced.height == 4 and not replaced["correct"].any()
 
@@ -167,6 +185,10 @@ def test_rectify_rows_splices_at_token_level_through_a_merging_bpe():
     assert new["origin"] == "rectified" and new["offpolicy_start"] == cut
     assert new["response_ids"][:cut] == parent["response_ids"][:cut]
     assert new["response"].startswith("6-6=0;0-8=2;") and new["response"].endswith("\\boxed{5}")
+    # the kept text ends where the kept tokens do, inside the separator-merged seam
+    assert new["kept_text"] == tok.decode(parent["response_ids"][:cut]) != "6-6=0;0-8=2;"
+    assert new["kept_text"] + new["guide_text"] == new["response"]
+    assert new["policy"] == "oracle:arith" and out[1]["kept_text"] is None
     assert [r["in_batch"] for r in out] == [True, False, True]
 
 
@@ -215,12 +237,16 @@ def test_scope_with_the_learned_prm_noise_and_the_model_guide(tmp_path):
         assert 0 < k < len(row["response_ids"]) and row["response_ids"][:k] == parent["response_ids"][:k]
         assert row["reward"] == 1.0 and row["correct"] and not parent["in_batch"]
         assert all(v is None for v in row["response_logprobs"][k:])
+    check_texts(df, "arith-guide")
 
 
 class WrongGuide:
     """Always continues with a wrong answer."""
 
     max_tries = 99
+
+    def name(self, row):
+        return "wrong"
 
     def __init__(self):
         self.calls = []

@@ -43,6 +43,7 @@ def test_report_writes_png_and_markdown(tmp_path, capsys):
     out = report([a, b], tmp_path / "out")
     png = out["png"].read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert out["pdf"].read_bytes().startswith(b"%PDF")
     md = out["markdown"].read_text()
     assert "![report](report.png)" in md
     lines = out["table"].splitlines()
@@ -54,10 +55,68 @@ def test_report_writes_png_and_markdown(tmp_path, capsys):
     assert lines[6].startswith("| scope | 1 | 2 | 0.500 |")
 
 
-def test_report_needs_an_evaluated_run(tmp_path):
+def test_report_needs_an_evaluated_run_and_skips_one_without(tmp_path):
     Run.open(tmp_path / "empty", create=True)
     with pytest.raises(ReportError, match="summary.parquet"):
         report([tmp_path / "empty"], tmp_path / "out")
+    a = fake_run(tmp_path / "grpo", [0.2, 0.3], updates_per_round=4, entropy0=1.5)
+    out = report([a, tmp_path / "empty"], tmp_path / "out")
+    assert out["skipped"] == [f"{tmp_path / 'empty'}: no round-*/eval/summary.parquet (run "
+                              f"`scope eval --round 0 --run {tmp_path / 'empty'}` first)"]
+    assert "Skipped: " in out["markdown"].read_text() and "| empty |" not in out["table"]
+
+
+def test_figure_for_a_paper(tmp_path):
+    """One panel per metric, one colour per run, labelled axes, fractions on one 0-1 axis, integer
+    update ticks, a title, PNG at 200 dpi and a PDF, the same bytes twice."""
+    import io
+
+    from PIL import Image
+
+    from scope_cli.report import figure, figure_files, panels
+
+    runs = [load_run(fake_run(tmp_path / "grpo", [0.2, 0.3, 0.4], 4, 1.5)),
+            load_run(fake_run(tmp_path / "scope", [0.2, 0.5], 2, 1.4))]
+    chosen = panels(runs)
+    assert [(p.family, p.title) for p in chosen] == [
+        ("accuracy", "heldout: greedy accuracy"), ("accuracy", "ood: greedy accuracy"),
+        ("pass@k", "heldout: pass@1"), ("pass@k", "heldout: pass@8"),
+        ("diversity", "heldout: distinct correct solutions"), ("diversity", "heldout: distinct-2"),
+        ("diversity", "policy entropy (train-step)")]
+    fig = figure(runs, "GRPO vs SCOPE")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == len(chosen) and fig.get_suptitle() == "GRPO vs SCOPE"
+    fig.canvas.draw()
+    for ax, panel in zip(axes, chosen):
+        assert ax.get_ylabel() == panel.ylabel and ax.get_xlabel() == "optimizer updates"
+        colours = [line.get_color() for line in ax.get_lines()]
+        assert len(colours) == 2 and colours[0] != colours[1]  # one colour per run
+        if panel.unit:
+            assert ax.get_ylim() == (-0.02, 1.02)
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["grpo", "scope"]
+    files = figure_files(runs)
+    assert files == figure_files(runs)  # no timestamps
+    image = Image.open(io.BytesIO(files["png"]))
+    assert round(image.info["dpi"][0]) == 200 and files["pdf"].startswith(b"%PDF")
+
+
+def test_default_output_is_outside_the_runs(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from scope_cli.app import app
+
+    monkeypatch.setenv("SCOPE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "runs" / "grpo", [0.2, 0.3], updates_per_round=4, entropy0=1.5)
+    fake_run(tmp_path / "runs" / "scope", [0.2, 0.4], updates_per_round=4, entropy0=1.5)
+    Run.open(tmp_path / "runs" / "fresh", create=True)
+    result = CliRunner().invoke(app, ["report", "grpo", "scope", "fresh"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped {tmp_path / 'runs' / 'fresh'}: no round-*/eval/summary.parquet" in result.output
+    folder = tmp_path / "reports" / "grpo-vs-scope-vs-fresh"
+    assert sorted(p.name for p in folder.iterdir()) == ["report.md", "report.pdf", "report.png"]
+    assert not (tmp_path / "runs" / "reports").exists()
 
 
 def test_report_command(tmp_path):

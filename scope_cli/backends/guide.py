@@ -1,6 +1,7 @@
 """Guides: who writes the correct continuation of a salvaged rollout's kept prefix.
 
-A guide receives `GuideRequest`s (the parent row, the kept steps, the kept text) and returns, for
+A guide has a `name(row)`, which rectify writes into a rectified row's `policy` column, and receives
+`GuideRequest`s (the parent row, the kept steps, the kept text) and returns, for
 each, the text that follows ``prefix_text`` — the decode of the policy's kept tokens
 ``response_ids[:offpolicy_start]`` — and how it finished ("stop" or "length"). Rectify tokenizes that
 text with the policy's tokenizer and appends it to the kept tokens.
@@ -50,6 +51,10 @@ class OracleGuide:
     """The task's exact solver as the guide."""
 
     max_tries = 1  # the solver is always right: retrying changes nothing
+
+    def name(self, row: dict[str, Any]) -> str:
+        """What a rectified row's `policy` column says wrote its continuation."""
+        return f"oracle:{row['task']}"
 
     def continue_(self, requests: list[GuideRequest], attempt: int = 0) -> list[GuideOutput]:
         out = []
@@ -101,6 +106,11 @@ class ModelGuide:
                                  max_tokens=cfg.rectify.max_tokens)
         self.sees_reference = cfg.rectify.guide_sees_reference
         self.max_tries = cfg.rectify.max_tries
+        self.folder = Path(cfg.rectify.guide_path).resolve().name
+
+    def name(self, row: dict[str, Any]) -> str:
+        """What a rectified row's `policy` column says wrote its continuation: the guide's folder."""
+        return self.folder
 
     def prompt(self, req: GuideRequest) -> str:
         """What the guide continues: its prompt for the problem, then the policy's kept text."""

@@ -2,6 +2,18 @@
 
     with Verifier(workers=2, timeout=5.0) as v:          # created once, reused by a whole round
         verdicts = v.check([(gold, pred), ...])          # in input order: Verdict(status, correct)
+        verdicts = v.check([(gold, response), ...], extract="auto")   # Verdict(status, correct, pred)
+
+Where the answer comes from (`verify.extract`):
+
+- ``boxed`` (the default; what the prompts ask for and training needs): the task extracts the answer
+  (`task.extract_answer`, math: the last ``\\boxed{}``) and math-verify compares it with the gold one.
+- ``auto``: math-verify's own extraction over the whole response, in the worker: its LaTeX and
+  plain-expression extractors (`LatexExtractionConfig()`, `ExprExtractionConfig()` with their default
+  priorities: "final answer is X. I hope", then "final answer ... is X" and ``\\boxed{}``, then
+  "answer: X", "answer ... X", and last any LaTeX or number; within a priority the last match in the
+  text wins). For free-form answers ("Therefore, there are 29 valid strings"), e.g. evaluating a base
+  model. `Verdict.pred` is the text it extracted.
 
 math-verify's pitfalls, and what this module does about each:
 
@@ -17,7 +29,8 @@ math-verify's pitfalls, and what this module does about each:
 
 Rows of a task with its own answer check (the multiple-choice task compares option letters) do not
 go through math-verify: `check_answers(verifier, tasks, pairs)` checks them in this process and sends
-the rest to the pool; the stages call it.
+the rest to the pool; `check_responses(verifier, tasks, golds, responses, extract)` does the same from
+whole responses in either mode; the stages (verify, eval, rectify's re-verification) call it.
 
 Workers start with ``forkserver`` (never ``fork``: the parent may hold torch or vLLM threads); the fork
 server preloads math-verify, so a replaced worker starts in milliseconds. Items travel in chunks to
@@ -32,10 +45,11 @@ import multiprocessing
 import signal
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 STATUSES = ("ok", "no_answer", "timeout", "error")
+EXTRACT_MODES = ("boxed", "auto")
 _SOFT_FRACTION = 0.8  # the worker's own alarm fires at this fraction of the hard limit
 _MEMORY_LIMIT = 2 << 30  # bytes of address space per worker: a runaway sympy integer hits MemoryError
 
@@ -44,6 +58,7 @@ _MEMORY_LIMIT = 2 << 30  # bytes of address space per worker: a runaway sympy in
 class Verdict:
     status: str  # ok | no_answer | timeout | error
     correct: bool
+    pred: str | None = None  # the extracted answer (filled by extract="auto" and by check_responses)
 
 
 def reward(verdict: Verdict, finish_reason: str | None, format_reward: float = 0.0,
@@ -90,39 +105,52 @@ def wrap_gold(gold: str) -> str:
     return "\\boxed{" + text + "}"
 
 
-def check_pair(gold: str, pred: str) -> Verdict:
-    """One comparison, in this process, with no time limit: gold first, then the prediction."""
-    from math_verify import parse, verify
+def check_pair(gold: str, pred: str, extract: str = "boxed") -> Verdict:
+    """One comparison, in this process, with no time limit: gold first, then the prediction. With
+    extract="auto", `pred` is the whole response and math-verify finds the answer in it."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     from sympy import Basic, MatrixBase
 
     gold_parsed = parse(wrap_gold(gold), parsing_timeout=None, raise_on_error=True)
     if not any(isinstance(g, (Basic, MatrixBase)) for g in gold_parsed):
         return Verdict("error", False)  # unparseable gold: never scored correct
-    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None, raise_on_error=True)
+    if extract == "auto":
+        pred_parsed = parse(pred, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                            parsing_timeout=None, raise_on_error=True)
+        # the matched text (math-verify's fallback string) is the answer the row shows
+        found = next((p for p in pred_parsed if isinstance(p, str)), None)
+        if found is None and pred_parsed:
+            found = str(pred_parsed[0])
+    elif extract == "boxed":
+        pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None, raise_on_error=True)
+        found = None
+    else:
+        raise ValueError(f"extract must be one of {', '.join(EXTRACT_MODES)}, got {extract!r}")
     if not pred_parsed:
         return Verdict("no_answer", False)
-    return Verdict("ok", bool(verify(gold_parsed, pred_parsed, timeout_seconds=None)))
+    return Verdict("ok", bool(verify(gold_parsed, pred_parsed, timeout_seconds=None)), found)
 
 
-def _check_one(gold: str, pred: str, soft_seconds: float) -> tuple[str, bool]:
+def _check_one(gold: str, pred: str, soft_seconds: float, extract: str) -> tuple[str, bool, str | None]:
     signal.setitimer(signal.ITIMER_REAL, soft_seconds)
     try:
-        verdict = check_pair(gold, pred)
-        return verdict.status, verdict.correct
+        verdict = check_pair(gold, pred, extract)
+        return verdict.status, verdict.correct, verdict.pred
     except Exception:  # a parser bug or MemoryError on adversarial text: counted, never scored
-        return "error", False
+        return "error", False, None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _check_chunk(pairs: list[tuple[str, str]], soft_seconds: float) -> list[tuple[str, bool]]:
+def _check_chunk(pairs: list[tuple[str, str]], soft_seconds: float,
+                 extract: str = "boxed") -> list[tuple[str, bool, str | None]]:
     """Runs in a worker's main thread: each item under a one-shot soft alarm."""
     out = []
     for gold, pred in pairs:
         try:
-            out.append(_check_one(gold, pred, soft_seconds))
+            out.append(_check_one(gold, pred, soft_seconds, extract))
         except _ItemTimeout:  # raised anywhere in _check_one, its `finally` included
-            out.append(("timeout", False))
+            out.append(("timeout", False, None))
     return out
 
 
@@ -130,7 +158,8 @@ def _check_chunk(pairs: list[tuple[str, str]], soft_seconds: float) -> list[tupl
 class Verifier:
     """A reusable pool of math-verify workers. Use as a context manager; `check` keeps input order."""
 
-    _work = staticmethod(_check_chunk)  # a worker's job: (pairs, soft seconds) -> [(status, correct)]
+    # a worker's job: (pairs, soft seconds, extract) -> [(status, correct, pred)]
+    _work = staticmethod(_check_chunk)
 
     def __init__(self, workers: int = 2, timeout: float = 5.0, chunk_size: int = 64):
         if workers < 1 or timeout <= 0 or chunk_size < 1:
@@ -162,9 +191,13 @@ class Verifier:
             self._pool.join()
             self._pool = None
 
-    def check(self, pairs: Sequence[tuple[str, str | None]]) -> list[Verdict]:
-        """Verdicts for (gold, pred) pairs, in order. A missing or empty pred is ``no_answer`` without
-        a trip to the pool."""
+    def check(self, pairs: Sequence[tuple[str, str | None]], extract: str = "boxed") -> list[Verdict]:
+        """Verdicts for (gold, pred) pairs, in order; with extract="auto" the pairs are (gold, whole
+        response) and each verdict carries the answer found. A missing or empty pred (response) is
+        ``no_answer`` without a trip to the pool. Every item, in either mode, runs in the pool under
+        the worker's alarm and the outside kill."""
+        if extract not in EXTRACT_MODES:
+            raise ValueError(f"extract must be one of {', '.join(EXTRACT_MODES)}, got {extract!r}")
         results: list[Verdict | None] = [None] * len(pairs)
         todo = []
         for i, (gold, pred) in enumerate(pairs):
@@ -179,21 +212,21 @@ class Verifier:
             size = max(1, min(self.chunk_size, math.ceil(len(todo) / (4 * self.workers))))
             chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
             # a chunk may hold one item that runs to its soft alarm; two such items get retried alone
-            futures = [pool.schedule(self._work, args=([pairs[i] for i in c], soft),
+            futures = [pool.schedule(self._work, args=([pairs[i] for i in c], soft, extract),
                                      timeout=self.timeout + soft + 0.05 * len(c)) for c in chunks]
             retry = []
             for chunk, future in zip(chunks, futures):
                 try:
-                    for i, (status, correct) in zip(chunk, future.result()):
-                        results[i] = Verdict(status, correct)
+                    for i, item in zip(chunk, future.result()):
+                        results[i] = Verdict(*item)
                 except Exception:  # the chunk passed its limit, or its worker died
                     retry.extend(chunk)
-            singles = [(i, pool.schedule(self._work, args=([pairs[i]], soft), timeout=self.timeout))
-                       for i in retry]
+            singles = [(i, pool.schedule(self._work, args=([pairs[i]], soft, extract),
+                                         timeout=self.timeout)) for i in retry]
             for i, future in singles:
                 try:
-                    (status, correct), = future.result()
-                    results[i] = Verdict(status, correct)
+                    item, = future.result()
+                    results[i] = Verdict(*item)
                 except FutureTimeout:
                     self.stats["killed"] += 1
                     results[i] = Verdict("timeout", False)
@@ -228,5 +261,30 @@ def check_answers(verifier: Verifier, tasks: Sequence[str],
                 results[i] = Verdict("error", False)
     if pooled:
         for i, verdict in zip(pooled, verifier.check([pairs[i] for i in pooled])):
+            results[i] = verdict
+    return results  # type: ignore[return-value]  (every slot is filled above)
+
+
+def check_responses(verifier: Verifier, tasks: Sequence[str], golds: Sequence[str],
+                    responses: Sequence[str | None], extract: str = "boxed") -> list[Verdict]:
+    """Verdicts, with the extracted answer in `pred`, for whole responses against gold answers.
+    boxed: each task extracts its answer (`task.extract_answer`) and `check_answers` compares it;
+    auto: math-verify extracts it from the response in the pool. Tasks with their own check (choice)
+    always extract their own way (option letters)."""
+    from scope_cli.tasks import get_task
+
+    if extract not in EXTRACT_MODES:
+        raise ValueError(f"verify.extract must be one of {', '.join(EXTRACT_MODES)}, got {extract!r}")
+    texts = [r or "" for r in responses]
+    own = [extract == "boxed" or getattr(get_task(t), "check", None) is not None for t in tasks]
+    preds = [get_task(t).extract_answer(r) if o else None for t, r, o in zip(tasks, texts, own)]
+    mine = [i for i, o in enumerate(own) if o]
+    results: list[Verdict | None] = [None] * len(texts)
+    verdicts = check_answers(verifier, [tasks[i] for i in mine], [(golds[i], preds[i]) for i in mine])
+    for i, verdict in zip(mine, verdicts):
+        results[i] = replace(verdict, pred=preds[i])
+    auto = [i for i, o in enumerate(own) if not o]
+    if auto:
+        for i, verdict in zip(auto, verifier.check([(golds[i], texts[i]) for i in auto], extract="auto")):
             results[i] = verdict
     return results  # type: ignore[return-value]  (every slot is filled above)
