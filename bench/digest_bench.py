@@ -5,11 +5,11 @@
 1. round: the embedded default round, run as bench/round_bench.py's scope side runs it (the six
    training stages in one process, Parquet shards, manifests, policy and optimizer state saved and
    loaded), side by side with the same code whose hashing is replaced by a constant
-   (`scope_cli.manifests._hash_file` returns a fixed string; stat calls and manifests stay alike).
+   (`scope_cli.core.manifests._hash_file` returns a fixed string; stat calls and manifests stay alike).
    Each side is its own process, stepped in turn (bench/harness.py); the ratio is the median over
    rounds of with / without for the same round (rounds differ in cost).
 2. throughput: a file of --size-gb GiB (random bytes; written to a temporary folder, removed after)
-   hashed the two ways `scope_cli.manifests` hashes: one sha256 (files up to 1 GiB), and sha256 over
+   hashed the two ways `scope_cli.core.manifests` hashes: one sha256 (files up to 1 GiB), and sha256 over
    256 MiB blocks in up to 32 threads (larger files: a 7B policy's weight files and optimizer state). Wall and
    CPU MB/s, and the seconds a 15 GB file takes at the measured rates. On a shared machine CPU MB/s
    is the steadier figure (what one free core does).
@@ -39,7 +39,7 @@ def worker(root: Path, hashing: bool) -> None:
     """round_bench's scope side; with `hashing`, the seconds spent hashing are timed and reported with
     each round; without, hashing is replaced by a constant."""
     import harness
-    import scope_cli.manifests as manifests
+    import scope_cli.core.manifests as manifests
     from round_bench import scope_worker
 
     spent = [0.0]
@@ -91,7 +91,7 @@ def round_with_and_without(reps: int, tmp: Path) -> tuple[str, list[Summary]]:
 
 
 def throughput(size_gb: float, tmp: Path) -> str:
-    from scope_cli.manifests import BLOCK, _hash_file
+    from scope_cli.core.manifests import BLOCK, _hash_file
 
     path = tmp / "digest-bench.bin"
     chunk = os.urandom(64 << 20)

@@ -95,7 +95,7 @@ def worker(kind: str, policy: Path, model_name: str) -> None:
     step = Lockstep()
     set_threads(1)
     from scope_cli.backends.generation import HFBackend, Sampling, VLLMBackend
-    from scope_cli.models import count_parameters
+    from scope_cli.backends.hf import count_parameters
 
     n_prompts, n, max_tokens = WORKLOADS[model_name]
     backend = HFBackend(policy, batch_size=n_prompts * n) if kind.endswith("hf") else VLLMBackend(policy)
@@ -136,7 +136,7 @@ def worker(kind: str, policy: Path, model_name: str) -> None:
 
 
 def make_50m(out: Path) -> Path:
-    from scope_cli.models import init_tiny_policy
+    from scope_cli.models.tiny import init_tiny_policy
 
     return init_tiny_policy(out, hidden_size=512, layers=12, heads=8, intermediate_size=2048, head_dim=64,
                             seed=0)

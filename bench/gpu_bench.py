@@ -86,7 +86,7 @@ def model_flops(config, n_params: int, lengths: list[int]) -> float:
 
 
 def make_rows(n_rows: int, row_tokens: int, prompt: int, vocab: int):
-    from scope_cli.train_batch import Row
+    from scope_cli.core.train_batch import Row
 
     rng = np.random.default_rng(0)
     resp = row_tokens - prompt
@@ -104,9 +104,9 @@ def make_rows(n_rows: int, row_tokens: int, prompt: int, vocab: int):
 def bench_variant(shape: str, variant: str, device, rows, steps: int) -> dict:
     from transformers import Qwen2ForCausalLM
 
-    from scope_cli.config import Config
-    from scope_cli.train_update import Mode, update
-    from scope_cli.training import Dist, make_optimizer
+    from scope_cli.core.config import Config
+    from scope_cli.core.train_update import Mode, update
+    from scope_cli.backends.training import Dist, make_optimizer
 
     cfg = Config()
     cfg.train.micro_batch_tokens = 16384
@@ -152,8 +152,8 @@ def bench_generate(device, prompts_n: int, new_tokens: int, shape: str) -> float
     from transformers import Qwen2ForCausalLM
 
     from scope_cli.backends.generation import HFBackend, Sampling
-    from scope_cli.models import build_arith_tokenizer
-    from scope_cli.runs import mark_policy_complete
+    from scope_cli.models.tiny import build_arith_tokenizer
+    from scope_cli.core.policy import mark_policy_complete
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

@@ -73,10 +73,10 @@ def worker(side: str, tokens: int, cap_gib: float) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from scope_cli.config import Config
-    from scope_cli.train_batch import Row
-    from scope_cli.train_update import Mode, fixed_logprobs, update
-    from scope_cli.training import Dist, make_optimizer
+    from scope_cli.core.config import Config
+    from scope_cli.core.train_batch import Row
+    from scope_cli.core.train_update import Mode, fixed_logprobs, update
+    from scope_cli.backends.training import Dist, make_optimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

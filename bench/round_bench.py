@@ -76,7 +76,7 @@ class Clock:
 
 
 def open_bench_run(root: Path, sets: list[str]):
-    from scope_cli.runs import Run
+    from scope_cli.core.runs import Run
     from stages.prepare import prepare
 
     shutil.rmtree(root, ignore_errors=True)
@@ -87,11 +87,11 @@ def open_bench_run(root: Path, sets: list[str]):
 
 # ---- worker: scope's stages ----------------------------------------------------------------------
 def scope_worker(root: Path, sets: list[str]) -> None:
-    """Rounds 1, 2, ... through the stage functions, as scope_cli.rounds runs them in one process."""
+    """Rounds 1, 2, ... through the stage functions, as scope_cli.cli.rounds runs them in one process."""
     step = Lockstep()
     set_threads(1)
     from scope_cli.backends.verifier import Verifier
-    from scope_cli.shards import read_stage
+    from scope_cli.core.shards import read_stage
     from scope_cli.backends.generation import open_policy_engine
     from stages.generate import generate
     from stages.locate_error import locate_error
@@ -154,10 +154,10 @@ def loop_worker(root: Path, sets: list[str]) -> None:
     from scope_cli.backends.guide import OracleGuide
     from scope_cli.backends.prm import load_prm
     from scope_cli.backends.verifier import Verifier
-    from scope_cli.models import load_policy
+    from scope_cli.backends.hf import load_policy
     from scope_cli.schema import RECTIFIED, ROLLOUTS
-    from scope_cli.shards import read_stage
-    from scope_cli.training import Dist, make_optimizer
+    from scope_cli.core.shards import read_stage
+    from scope_cli.backends.training import Dist, make_optimizer
     from stages.generate import rollout_rows, sampling_of, shard_groups
     from stages.locate_error import locate_table
     from stages.prm_score import score_table

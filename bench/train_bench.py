@@ -121,10 +121,10 @@ def worker(kind: str, root: Path) -> None:
     import numpy as np
     import torch
 
-    from scope_cli.models import load_policy
-    from scope_cli.runs import Run
-    from scope_cli.shards import read_stage
-    from scope_cli.training import Dist, make_optimizer
+    from scope_cli.backends.hf import load_policy
+    from scope_cli.core.runs import Run
+    from scope_cli.core.shards import read_stage
+    from scope_cli.backends.training import Dist, make_optimizer
     from stages.train_step import NEEDED, build_batch, fixed_logprobs, micro_batch_tokens, update
 
     run = Run.open(root)

@@ -110,7 +110,7 @@ def trl_worker(policy: Path, prompts_file: Path, out_dir: Path, max_steps: int) 
 
 def write_prompts(path: Path, count: int) -> None:
     """The embedded task's training prompts (as `scope prepare` draws them), text and gold answer."""
-    from scope_cli.config import Config
+    from scope_cli.core.config import Config
     from scope_cli.tasks import arith
 
     p = Config().prepare

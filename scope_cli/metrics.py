@@ -16,7 +16,7 @@ Sampled metrics take the n samples of each prompt (n = `eval.n_samples`):
 - later-error share: of the failures an exact step checker located, the share whose first wrong
   step is not the first step (index >= 1).
 
-`training_metrics` reads what a round's stages wrote (verified/, located/, rectified/,
+`scope_cli.core.runs.training_metrics` reads what a round's stages wrote (verified/, located/, rectified/,
 train/metrics.parquet) into one flat dict; `summary_table` turns a dict into EVAL_SUMMARY rows.
 """
 
@@ -225,51 +225,3 @@ def summary_table(round_: int, policy: str, eval_set: str, metrics: dict[str, fl
     rows = [{"round": round_, "policy": policy, "eval_set": eval_set, "metric": k, "value": float(v)}
             for k, v in metrics.items()]
     return conform(pa.Table.from_pylist(rows, schema=EVAL_SUMMARY), EVAL_SUMMARY)
-
-
-# ---- a round's training-side tables ------------------------------------------------------------------
-def training_metrics(run: Any, round_: int) -> dict[str, float]:
-    """What round R's stages wrote, where present: rollout accuracy, shares of all-wrong and all-right
-    groups, salvaged and rectified rows, and (from train/metrics.parquet) the last update, dropped
-    groups, and the mean entropy, ratio and clip fraction over the round's updates."""
-    import polars as pl
-
-    from scope_cli.shards import list_shard_files
-
-    def scan(folder: str, columns: list[str]) -> pl.DataFrame | None:
-        files = list_shard_files(run.stage_dir(round_, folder))
-        if not files:
-            return None
-        frame = pl.scan_parquet([str(p) for p in files])
-        have = frame.collect_schema().names()
-        return frame.select([c for c in columns if c in have]).collect()
-
-    out: dict[str, float] = {}
-    verified = scan("verified", ["prompt_id", "correct"])
-    if verified is not None and verified.height and "correct" in verified.columns:
-        groups = verified.group_by("prompt_id").agg(pl.col("correct").cast(pl.Float64).mean().alias("acc"))
-        out["rollouts"] = float(verified.height)
-        out["rollout_acc"] = float(verified["correct"].cast(pl.Float64).mean())
-        out["all_wrong_share"] = float((groups["acc"] == 0.0).mean())
-        out["all_right_share"] = float((groups["acc"] == 1.0).mean())
-    located = scan("located", ["salvage"])
-    if located is not None and "salvage" in located.columns:
-        out["salvaged"] = float(located["salvage"].fill_null(False).sum())
-    rectified = scan("rectified", ["origin", "in_batch"])
-    if rectified is not None and "origin" in rectified.columns:
-        out["rectified"] = float((rectified["origin"] == "rectified").sum())
-        out["reference"] = float((rectified["origin"] == "reference").sum())
-        if "in_batch" in rectified.columns:
-            out["batch_rows"] = float(rectified["in_batch"].fill_null(False).sum())
-    train_file = run.train_dir(round_) / "metrics.parquet"
-    if train_file.exists():
-        train = pl.read_parquet(train_file)
-        if train.height:
-            out["update"] = float(train["update"].max())
-            out["updates"] = float(train.height)
-            if "dropped_groups" in train.columns:
-                out["dropped_groups"] = float(train["dropped_groups"].max())
-            for col in ("entropy", "mean_ratio", "clip_fraction", "loss", "kl", "grad_norm"):
-                if col in train.columns and train[col].drop_nulls().len():
-                    out[col] = float(train[col].drop_nulls().mean())
-    return out

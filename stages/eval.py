@@ -19,9 +19,9 @@ math-verify (the verify stage's pool and rules, verify.extract included) and wri
   written by whichever worker finds every shard done (and present only then); `scope status` shows
   the first set's greedy accuracy;
 - ``training.parquet`` (rounds >= 1): what round R's stages recorded, eval_set = "train"
-  (scope_cli.metrics.training_metrics);
+  (scope_cli.core.runs.training_metrics);
 - ``_manifest/summary.json``, written last: both files' sizes and sha256 and what they were computed
-  from. The two are one unit: the eval is done (scope_cli.rounds.eval_done) only once it exists, so a
+  from. The two are one unit: the eval is done (scope_cli.cli.rounds.eval_done) only once it exists, so a
   kill between them leaves an eval that the next run finishes.
 
 Each set's shard manifest records its per-sample tables beside the shard; the eval sets and the
@@ -54,11 +54,11 @@ from scope_cli.backends.generation import (
     resolve_backend,
 )
 from scope_cli.backends.verifier import Verifier, check_responses
-from scope_cli.config import Config, config_hash
+from scope_cli.core.config import Config, config_hash
 from scope_cli.console import progress_bars, rows_task
 from scope_cli.errors import ScopeError
-from scope_cli.jsonfile import json_object
-from scope_cli.manifests import (
+from scope_cli.errors import json_object
+from scope_cli.core.manifests import (
     damaged,
     manifest_files,
     problem,
@@ -67,18 +67,18 @@ from scope_cli.manifests import (
     repair_command,
     vouched,
 )
-from scope_cli.loggers import log_rounds
-from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table, training_metrics
-from scope_cli.policy import check_policy_folder, policy_hash, verify_policy
-from scope_cli.runs import Run, RunError, policy_complete, row_seed
+from scope_cli.core.loggers import log_rounds
+from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table
+from scope_cli.backends.hf import check_policy_folder
+from scope_cli.core.policy import policy_hash, verify_policy
+from scope_cli.core.runs import Run, RunError, row_seed, training_metrics
+from scope_cli.core.policy import policy_complete
 from scope_cli.schema import EVAL_SUMMARY, PROMPTS, conform
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     ShardJob,
     check_inside_run,
     complete_shards,
     engine_versions,
-    file_digest,
-    folder_digest,
     is_done,
     list_shard_files,
     manifest_path,
@@ -88,6 +88,7 @@ from scope_cli.shards import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from scope_cli.core.manifests import record as file_digest, folder_digest
 from scope_cli.tasks import get_task, prompt_text
 
 CONFIG_KEYS = [

@@ -38,13 +38,13 @@ from scope_cli.backends.generation import (
     open_policy_engine,
     resolve_backend,
 )
-from scope_cli.config import config_hash
+from scope_cli.core.config import config_hash
 from scope_cli.console import progress_bars, rows_task
-from scope_cli.manifests import repair_command
-from scope_cli.policy import policy_hash, verify_policy
-from scope_cli.runs import Run, row_seed
+from scope_cli.core.manifests import repair_command
+from scope_cli.core.policy import policy_hash, verify_policy
+from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import ROLLOUTS, conform
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     ShardError,
     ShardJob,
     StageResult,

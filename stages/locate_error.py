@@ -36,10 +36,10 @@ from typing import Any
 import pyarrow as pa
 
 from scope_cli.backends.prm import first_error
-from scope_cli.config import config_hash
-from scope_cli.runs import Run
+from scope_cli.core.config import config_hash
+from scope_cli.core.runs import Run
 from scope_cli.schema import LOCATED, SCORED, conform
-from scope_cli.shards import ShardJob, StageResult, complete_shards, read_shard, run_shards
+from scope_cli.core.shards import ShardJob, StageResult, complete_shards, read_shard, run_shards
 
 CONFIG_KEYS = ["locate", "run.algo", "rectify.mode"]
 

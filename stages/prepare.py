@@ -31,28 +31,29 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.config import config_hash
-from scope_cli.runs import Run, check_round_size, policy_complete
+from scope_cli.core.config import config_hash
+from scope_cli.core.runs import Run, check_round_size
+from scope_cli.core.policy import policy_complete
 from scope_cli.schema import PROMPTS, conform
-from scope_cli.manifests import json_object, problems, record_lists_problem, records
-from scope_cli.shards import (
+from scope_cli.core.manifests import json_object, problems, record_lists_problem, records
+from scope_cli.core.shards import (
     ShardJob,
     check_inside_run,
     is_done,
     list_shard_files,
     manifest_path,
-    remove_stale_temps,
     run_shards,
     write_json_atomic,
     write_parquet_atomic,
 )
-from scope_cli.sources import PrepareError, normalise_row, prompt_id, read_source
+from scope_cli.tempfiles import remove_stale_temps
+from scope_cli.core.sources import PrepareError, normalise_row, prompt_id, read_source
 from scope_cli.tasks import arith
 
 CONFIG_KEYS = ["prepare", "task"]
 
 
-# ---- rows (read by scope_cli/sources.py) ----------------------------------------------------------
+# ---- rows (read by scope_cli/core/sources.py) ----------------------------------------------------------
 def dedupe(rows: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], int]:
     """Add prompt_id; keep the first of identical problems; conflicting answers are an error."""
     seen: dict[str, tuple[str, str]] = {}
@@ -122,7 +123,8 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Write prompts/, eval-sets/ and policy-000/. Returns counts for the CLI to print."""
-    from scope_cli.policy import PolicyError, check_policy_folder, copy_policy
+    from scope_cli.backends.hf import PolicyError, check_policy_folder
+    from scope_cli.core.policy import copy_policy
 
     cfg = run.config
     if not policy_complete(run.policy_dir(0)):  # checked before anything is written

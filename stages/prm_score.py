@@ -6,7 +6,7 @@
 Reads round-R/verified/ and writes round-R/scored/ (schema SCORED), shard N from shard N. Columns:
 
 - ``steps`` (the task's step texts) and ``step_token_ends`` (exclusive token index in response_ids
-  where each step ends, so the first k steps are an exact token prefix; see scope_cli/steps.py):
+  where each step ends, so the first k steps are an exact token prefix; see scope_cli/backends/steps.py):
   filled for every row when run.algo=scope (a tokenizer pass, cheap), so users can inspect any row.
 - ``step_scores``: P(step correct) from prm.backend (rule | hf | vllm) for the failed rows
   (prm.score=failed, the default: only they are candidates for rectification) or for all rows
@@ -34,10 +34,10 @@ from typing import Any
 import pyarrow as pa
 
 from scope_cli.backends.prm import PrmError, PrmItem, apply_noise, first_error, load_prm, processbench
-from scope_cli.config import config_hash
-from scope_cli.runs import Run
+from scope_cli.core.config import config_hash
+from scope_cli.core.runs import Run
 from scope_cli.schema import SCORED, VERIFIED, conform
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     ShardJob,
     StageResult,
     complete_shards,
@@ -46,7 +46,7 @@ from scope_cli.shards import (
     run_shards,
     write_json_atomic,
 )
-from scope_cli.steps import align_steps, load_policy_tokenizer
+from scope_cli.backends.steps import align_steps, load_policy_tokenizer
 from scope_cli.tasks import get_task
 
 CONFIG_KEYS = ["prm", "run.algo"]
@@ -149,7 +149,7 @@ def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
     """ProcessBench-style metrics of the configured PRM against the task's exact checker on every
     row of round-R/verified/; written to round-R/prm-eval-rule.json and returned."""
     from scope_cli.backends.prm import rule_scores
-    from scope_cli.shards import read_stage
+    from scope_cli.core.shards import read_stage
 
     cfg = run.config
     table = read_stage(run.stage_dir(round_, "verified"), VERIFIED)

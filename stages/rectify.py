@@ -12,7 +12,7 @@ row depends on run.algo:
   where the guide tokens begin, ``response_logprobs`` keeps the parent's values on the prefix and is
   null on guide tokens, ``origin = "rectified"``, ``policy`` names the guide ("oracle:<task>" or
   the model guide's folder name); ``kept_text`` and ``guide_text`` hold the two parts as text. The seam may be tokenized non-canonically (see
-  scope_cli/steps.py). A model guide's continuation that fails re-verification is retried up to
+  scope_cli/backends/steps.py). A model guide's continuation that fails re-verification is retried up to
   rectify.max_tries times (new seeds), then dropped and counted.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
   ``offpolicy_start = 0``, ``origin = "reference"``, ``policy = "reference"``, ``kept_text = ""``,
@@ -51,10 +51,10 @@ import pyarrow as pa
 
 from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
 from scope_cli.backends.verifier import Verifier, check_responses, reward
-from scope_cli.config import config_hash
-from scope_cli.runs import Run, row_seed
+from scope_cli.core.config import config_hash
+from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import LOCATED, RECTIFIED
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     ShardError,
     ShardJob,
     StageResult,
@@ -63,7 +63,7 @@ from scope_cli.shards import (
     read_shard,
     run_shards,
 )
-from scope_cli.steps import align_steps, decode, load_policy_tokenizer
+from scope_cli.backends.steps import align_steps, decode, load_policy_tokenizer
 from scope_cli.tasks import get_task
 
 CONFIG_KEYS = ["rectify", "run.algo", "run.seed", "verify", "generate.backend", "generate.dtype",

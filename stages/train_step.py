@@ -1,7 +1,7 @@
 """train-step: one round of RL updates on the rectified batch; writes policy-R.
 
     scope train-step --run NAME --round R [--set train.minibatches=4] [--force]
-    torchrun --standalone --nproc-per-node 2 -m scope_cli.app -- train-step --run NAME --round R
+    torchrun --standalone --nproc-per-node 2 -m scope_cli.cli.app -- train-step --run NAME --round R
     torchrun ... -- train-step --run NAME --round R --set train.fsdp=true   # FSDP2 instead of DDP
 (the `--` stops torchrun from reading `--run` as an abbreviation of its own `--run-path`)
 
@@ -13,7 +13,7 @@ manifest matching, every output intact) is skipped; the input policy and train s
 against their manifests before they are used.
 
 What it does, in order:
-1. The round batch (scope_cli/train_batch.py): rows with in_batch; rows whose verify_status is
+1. The round batch (scope_cli/core/train_batch.py): rows with in_batch; rows whose verify_status is
    timeout/error get reward 0 (or are dropped with train.drop_unverified). Advantages per prompt group
    over the whole batch, once, before any minibatch or process split (train.advantage: grpo | drgrpo |
    grpo_split); groups with all-zero advantages are dropped. Per-token masks: tokens at or after
@@ -23,7 +23,7 @@ What it does, in order:
 2. Old log-probs: recomputed with policy-(R-1) under logits / T (T = generate.temperature), the same
    distribution the new log-probs and the off-policy π use. Sampling must have used top_p = 1 and no
    top_k, otherwise the sampled distribution is not logits / T and the step refuses to run.
-3. Updates (scope_cli/train_update.py): train.ppo_epochs passes, each shuffled (seeded by run.seed,
+3. Updates (scope_cli/core/train_update.py): train.ppo_epochs passes, each shuffled (seeded by run.seed,
    round, epoch) and cut into train.minibatches minibatches, one optimizer update each: on-policy
    tokens take the PPO clipped ratio (train.clip_low / clip_high), off-policy tokens LUFFY's shaped
    -A·π/(π+γ); the loss is aggregated by train.aggregation over the whole minibatch (token counts
@@ -32,12 +32,12 @@ What it does, in order:
    (train.kl_coef), truncated importance weights on the engine's log-probs (train.tis_cap).
    How (train.mixed_precision, packing, logprob_chunks; all `auto`): with CUDA, bf16 compute with
    float32 weights and Adam moments, rows packed without padding and log-probs in chunks of response
-   tokens (scope_cli/logprobs.py); on CPU, float32 whole logits over length buckets.
+   tokens (scope_cli/backends/logprobs.py); on CPU, float32 whole logits over length buckets.
 4. Commit: state and metrics first, then the policy folder (atomic rename, float32 by default:
    policy.dtype), then the manifest.
 
 The loss terms are in scope_cli/objectives.py; processes, bucketing and state files in
-scope_cli/training.py.
+scope_cli/backends/training.py.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ import pyarrow as pa
 import torch
 
 from scope_cli import objectives as obj
-from scope_cli.config import config_hash
-from scope_cli.manifests import (
+from scope_cli.core.config import config_hash
+from scope_cli.core.manifests import (
     damaged,
     manifest_files,
     problem,
@@ -66,27 +66,29 @@ from scope_cli.manifests import (
     repair_command,
 )
 from scope_cli.console import make_console, progress_bars
-from scope_cli.loggers import log_rounds
-from scope_cli.models import load_policy, save_policy
-from scope_cli.policy import policy_problem, verify_policy
-from scope_cli.runs import POLICY_MARKER, Run, policy_complete
+from scope_cli.core.loggers import log_rounds
+from scope_cli.backends.hf import load_policy
+from scope_cli.core.policy import save_policy
+from scope_cli.core.policy import policy_problem, verify_policy
+from scope_cli.core.policy import POLICY_MARKER, policy_complete
+from scope_cli.core.runs import Run
 from scope_cli.schema import TRAIN_METRICS, conform
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     check_inside_run,
     complete_shards,
     engine_versions,
-    file_digest,
     list_shard_files,
     manifest_path,
     read_stage,
-    remove_stale_temps,
     shard_lock,
     write_json_atomic,
     write_parquet_atomic,
 )
-from scope_cli.train_batch import NEEDED, build_batch
-from scope_cli.train_update import fixed_logprobs, micro_batch_tokens, resolve_mode, update
-from scope_cli.training import (
+from scope_cli.core.manifests import record as file_digest
+from scope_cli.tempfiles import remove_stale_temps
+from scope_cli.core.train_batch import NEEDED, build_batch
+from scope_cli.core.train_update import fixed_logprobs, micro_batch_tokens, resolve_mode, update
+from scope_cli.backends.training import (
     TrainError,
     close_dist,
     full_state_dict,

@@ -32,10 +32,10 @@ from typing import Any
 import pyarrow as pa
 
 from scope_cli.backends.verifier import STATUSES, Verifier, check_responses, reward
-from scope_cli.config import config_hash
-from scope_cli.runs import Run
+from scope_cli.core.config import config_hash
+from scope_cli.core.runs import Run
 from scope_cli.schema import ROLLOUTS, VERIFIED, conform
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     ShardJob,
     StageResult,
     complete_shards,

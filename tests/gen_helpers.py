@@ -17,7 +17,9 @@ def fit_tiny_policy(out: Path, *, steps: int = 40, seed: int = 0, lr: float = 1e
     on the CPU's float order (60 steps did on one machine and not on another)."""
     import torch
 
-    from scope_cli.models import init_tiny_policy, load_policy, save_policy
+    from scope_cli.models.tiny import init_tiny_policy
+    from scope_cli.backends.hf import load_policy
+    from scope_cli.core.policy import save_policy
 
     raw = init_tiny_policy(Path(out).with_name(Path(out).name + "-init"), seed=seed)
     model, tok = load_policy(raw)

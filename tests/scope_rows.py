@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from scope_cli.runs import Run, row_seed
+from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import VERIFIED
-from scope_cli.shards import shard_path, write_parquet_atomic
+from scope_cli.core.shards import shard_path, write_parquet_atomic
 from scope_cli.tasks import arith
 
 
@@ -58,7 +58,7 @@ def verified_table(rows: list[dict]) -> pa.Table:
 
 def make_run(root: Path, policy: Path, overrides: list[str] | None = None) -> Run:
     """A run folder with policy-000 copied from `policy` (no prompts: stages here read round files)."""
-    from scope_cli.policy import copy_policy
+    from scope_cli.core.policy import copy_policy
 
     run = Run.open(root, None, [f"policy.path={policy}", *(overrides or [])], create=True)
     copy_policy(policy, run.policy_dir(0), {"round": 0})

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from scope_cli.backends.verifier import Verdict, Verifier, check_answers
-from scope_cli.config import Config
+from scope_cli.core.config import Config
 from scope_cli.schema import ROLLOUTS, VERIFIED, conform
 
 

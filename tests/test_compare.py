@@ -1,6 +1,6 @@
 import pytest
 
-from scope_cli.compare import mean_ci, t_quantile, to_markdown
+from scope_cli.cli.compare import mean_ci, t_quantile, to_markdown
 
 
 def test_mean_ci_hand_computed():
@@ -48,7 +48,7 @@ def test_compare_end_to_end(tmp_path):
         "[verify]\nworkers = 1\n[train]\nminibatches = 1\n"
     )
     env = {**os.environ, "SCOPE_RUNS_DIR": str(tmp_path / "runs")}
-    done = subprocess.run([sys.executable, "-m", "scope_cli.app", "compare", "--rounds", "1", "--seeds", "1",
+    done = subprocess.run([sys.executable, "-m", "scope_cli.cli.app", "compare", "--rounds", "1", "--seeds", "1",
                            "--name", "t", "--jobs", "2", "--config", str(config)],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,6 @@
 import pytest
 
-from scope_cli.config import (
+from scope_cli.core.config import (
     Config,
     ConfigError,
     config_hash,

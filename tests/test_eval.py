@@ -4,14 +4,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scope_cli.config import load_config
-from scope_cli.metrics import training_metrics
-from scope_cli.models import init_tiny_policy
-from scope_cli.policy import copy_policy
-from scope_cli.runs import Run, row_seed
+from scope_cli.core.config import load_config
+from scope_cli.core.runs import training_metrics
+from scope_cli.models.tiny import init_tiny_policy
+from scope_cli.core.policy import copy_policy
+from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import EVAL_SUMMARY, TRAIN_METRICS, conform
-from scope_cli.shards import write_parquet_atomic
-from scope_cli.status import headline, stage_summary
+from scope_cli.core.shards import write_parquet_atomic
+from scope_cli.cli.status import headline, stage_summary
 from stages.eval import EVAL_SAMPLES, EVAL_SEED_ROUND, EvalError, evaluate, should_eval
 from stages.prepare import prepare
 

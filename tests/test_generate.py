@@ -21,10 +21,10 @@ from scope_cli.backends.generation import (
     row_uniforms,
     top_k_top_p,
 )
-from scope_cli.runs import Run, row_seed
+from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import ROLLOUTS
-from scope_cli.shards import list_shard_files, read_stage
-from scope_cli.steps import decode
+from scope_cli.core.shards import list_shard_files, read_stage
+from scope_cli.backends.steps import decode
 
 SCOPE = str(Path(sys.executable).with_name("scope"))
 

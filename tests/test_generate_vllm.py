@@ -85,8 +85,8 @@ def test_same_seeds_same_samples(engine, hf):
 def test_stage_runs_on_vllm_identically_twice_then_verifies(tmp_path, engine, fitted_policy):
     """generate with a live engine (it reloads policy-000's weights), then `scope generate` in a new
     process: identical files; then verify."""
-    from scope_cli.runs import Run
-    from scope_cli.shards import list_shard_files, read_stage
+    from scope_cli.core.runs import Run
+    from scope_cli.core.shards import list_shard_files, read_stage
     from stages.generate import generate
     from stages.prepare import prepare
     from stages.verify import verify
@@ -114,7 +114,7 @@ def test_stage_runs_on_vllm_identically_twice_then_verifies(tmp_path, engine, fi
 
 
 def test_reload_weights_into_the_live_engine(engine, tmp_path, fitted_policy):
-    from scope_cli.models import init_tiny_policy
+    from scope_cli.models.tiny import init_tiny_policy
 
     other = init_tiny_policy(tmp_path / "other", seed=5)
     prompts = arith_prompt_ids(engine.tokenizer, 4)

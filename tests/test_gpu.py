@@ -15,9 +15,9 @@ from train_helpers import build_round, make_run
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
-SCOPE = [sys.executable, "-m", "scope_cli.app"]
+SCOPE = [sys.executable, "-m", "scope_cli.cli.app"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "-m", "scope_cli.app", "--"]
+            "-m", "scope_cli.cli.app", "--"]
 
 
 def train(root, cmd, cuda: bool):
@@ -42,7 +42,7 @@ def copy(template, name, overrides=()):
     root = template / name
     shutil.copytree(template / "template", root)
     if overrides:
-        from scope_cli.runs import Run
+        from scope_cli.core.runs import Run
 
         Run.open(root, None, list(overrides), force=True)
     return root
@@ -85,7 +85,7 @@ def test_fsdp2_bf16_on_one_gpu_tracks_fp32(template):
 
 def test_hf_generation_on_cuda_equals_cpu(tmp_path):
     from scope_cli.backends.generation import HFBackend, Sampling
-    from scope_cli.models import init_tiny_policy
+    from scope_cli.models.tiny import init_tiny_policy
     from scope_cli.tasks import arith
 
     policy = init_tiny_policy(tmp_path / "p", seed=3)

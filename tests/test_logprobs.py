@@ -1,4 +1,4 @@
-"""Chunked log-probs and packed micro-batches (scope_cli/logprobs.py) against the whole-logits, padded
+"""Chunked log-probs and packed micro-batches (scope_cli/backends/logprobs.py) against the whole-logits, padded
 path train-step uses on CPU: same log-probs, loss, metrics and gradients within float32 rounding.
 
 Tolerances: the paths compute the same float32 sums in other orders (a [chunk, V] or [N, V] product
@@ -12,17 +12,17 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from scope_cli.config import Config
-from scope_cli.logprobs import (
+from scope_cli.core.config import Config
+from scope_cli.backends.logprobs import (
     chunkable,
     packed_inputs,
     padded_inputs,
     plan_packed,
     response_logprobs,
 )
-from scope_cli.train_batch import Row
-from scope_cli.train_update import Mode, fixed_logprobs, microbatch_loss, resolve_mode
-from scope_cli.training import Dist, TrainError, response_logits, token_logprobs
+from scope_cli.core.train_batch import Row
+from scope_cli.core.train_update import Mode, fixed_logprobs, microbatch_loss, resolve_mode
+from scope_cli.backends.training import Dist, TrainError, response_logits, token_logprobs
 
 VOCAB = 300
 CPU = torch.device("cpu")

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scope_cli.models import build_arith_tokenizer, save_policy, tiny_config
-from scope_cli.runs import Run
+from scope_cli.models.tiny import build_arith_tokenizer, tiny_config
+from scope_cli.core.policy import save_policy
+from scope_cli.core.runs import Run
 from scope_cli.schema import RECTIFIED, conform
-from scope_cli.shards import write_parquet_atomic
+from scope_cli.core.shards import write_parquet_atomic
 from scope_cli.tasks import arith
 from train_helpers import assert_adam_updates_agree
 
@@ -65,7 +66,7 @@ def long_rows(tok) -> list[dict]:
 
 
 def train_once(tmp_path, name: str, policy, overrides: list[str]) -> dict[str, torch.Tensor]:
-    from scope_cli.policy import copy_policy
+    from scope_cli.core.policy import copy_policy
     from stages.train_step import train_step
 
     run = Run.open(tmp_path / name, None, ["generate.max_tokens=2048", "train.minibatches=1",
@@ -82,7 +83,7 @@ def train_once(tmp_path, name: str, policy, overrides: list[str]) -> dict[str, t
 
 
 def test_micro_batches_and_checkpointing_do_not_change_a_long_update(tmp_path, long_policy):
-    from scope_cli.training import plan_microbatches
+    from scope_cli.backends.training import plan_microbatches
 
     lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in long_rows(build_arith_tokenizer())]
     assert len(plan_microbatches(lengths, 2100)) >= 4  # the long rows go one or two at a time
@@ -116,7 +117,7 @@ def test_token_batches_respect_both_budgets():
 
 def test_prm_token_budget_gives_the_same_scores(tmp_path):
     from scope_cli.backends.prm import HFPrm, PrmItem
-    from scope_cli.prm_train import init_tiny_prm
+    from scope_cli.models.prm_train import init_tiny_prm
 
     folder = init_tiny_prm(tmp_path / "prm", seed=2)
     rng = random.Random(1)

@@ -1,4 +1,4 @@
-"""Content digests and manifests (scope_cli/manifests.py), and the file modes of atomic writes."""
+"""Content digests and manifests (scope_cli/core/manifests.py), and the file modes of atomic writes."""
 
 import hashlib
 import json
@@ -8,8 +8,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from scope_cli import manifests
-from scope_cli.manifests import (
+from scope_cli.core import manifests
+from scope_cli.core.manifests import (
     folder_digest,
     policy_digests,
     problem,
@@ -19,7 +19,7 @@ from scope_cli.manifests import (
     repair_command,
     sha256_of,
 )
-from scope_cli.shards import ShardError, check_inside_run, write_json_atomic, write_parquet_atomic
+from scope_cli.core.shards import ShardError, check_inside_run, write_json_atomic, write_parquet_atomic
 
 GOOD = {"output": {"path": "shard-00000.parquet", "size": 3, "sha256": "ab"}, "config_hash": "h",
         "num_shards": 2, "inputs": [], "outputs": []}

@@ -6,17 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scope_cli.models import (
-    arith_vocab,
-    build_arith_tokenizer,
-    count_parameters,
-    init_tiny_policy,
-    load_policy,
-    policy_info,
-    save_policy,
-)
-from scope_cli.policy import check_policy_folder
-from scope_cli.runs import policy_complete
+from scope_cli.models.tiny import arith_vocab, build_arith_tokenizer, init_tiny_policy
+from scope_cli.backends.hf import count_parameters, load_policy
+from scope_cli.core.policy import policy_info, save_policy
+from scope_cli.backends.hf import check_policy_folder
+from scope_cli.core.policy import policy_complete
 from scope_cli.tasks import arith
 
 

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from scope_cli.app import app
-from scope_cli.runs import Run
-from scope_cli.shards import read_stage
+from scope_cli.cli.app import app
+from scope_cli.core.runs import Run
+from scope_cli.core.shards import read_stage
 from stages.prepare import PrepareError, prepare, prompt_id
 
 
@@ -237,7 +237,7 @@ def test_hf_id_loads_offline_from_the_local_cache(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(cache),
            "PYTHONPATH": str(root), "SCOPE_RUNS_DIR": str(tmp_path / "runs")}
-    base = [sys.executable, "-m", "scope_cli.app", "prepare", "--quiet",
+    base = [sys.executable, "-m", "scope_cli.cli.app", "prepare", "--quiet",
             "--set", f"policy.path={POLICY}", "--set", "generate.prompts_per_round=3"]
     res = subprocess.run([*base, "--run", "hub", "--set", "prepare.source=hf:someone/tiny-math"],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from scope_cli.config import Config, flatten, load_config, read_toml
+from scope_cli.core.config import Config, flatten, load_config, read_toml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.toml"))

@@ -11,10 +11,10 @@ from scope_cli.backends.prm import (
     HFPrm, PrmError, PrmItem, RulePrm, apply_noise, first_error, load_prm, processbench,
     vllm_unavailable_reason,
 )
-from scope_cli.config import Config
-from scope_cli.models import build_arith_tokenizer, init_tiny_policy
-from scope_cli.prm_train import build_prm_tokenizer, init_tiny_prm, make_prm_module, tiny_prm_config
-from scope_cli.shards import read_stage_df
+from scope_cli.core.config import Config
+from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
+from scope_cli.models.prm_train import build_prm_tokenizer, init_tiny_prm, make_prm_module, tiny_prm_config
+from scope_cli.core.shards import read_stage_df
 from scope_cli.tasks import arith, math
 from scope_rows import (
     NO_ANSWER, PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, group,
@@ -204,7 +204,7 @@ def test_hf_qwen_with_a_chat_template_uses_qwens_layout(tiny_prm, tmp_path):
 def shepherd_prm(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
-    from scope_cli.models import tiny_config
+    from scope_cli.models.tiny import tiny_config
 
     folder = tmp_path_factory.mktemp("shepherd") / "prm"
     tok = build_arith_tokenizer()
@@ -382,7 +382,7 @@ SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[1] / "data"
 def test_shipped_learned_prm_agrees_with_the_rule_on_policy_rollouts():
     """data/prms/arith-tiny-prm, loaded by the hf backend as a Qwen PRM, finds the rule's first
     errors in fresh rollouts of data/policies/arith-tiny (problems apart from its training data)."""
-    from scope_cli.prm_train import DATA_SEED, PRM_MARKER, evaluate, labelled_items, sample_rollouts
+    from scope_cli.models.prm_train import DATA_SEED, PRM_MARKER, evaluate, labelled_items, sample_rollouts
 
     folder = SHIPPED / "prms/arith-tiny-prm"
     info = json.loads((folder / PRM_MARKER).read_text())
@@ -397,7 +397,7 @@ def test_shipped_learned_prm_agrees_with_the_rule_on_policy_rollouts():
 def test_prm_training_learns_on_a_small_budget(tmp_path):
     """The training code path end to end on a tiny budget: sample, label, train from the policy,
     save in the Qwen PRM format, reload with the hf backend and measure."""
-    from scope_cli.prm_train import build
+    from scope_cli.models.prm_train import build
 
     info = build(tmp_path / "prm", policy=SHIPPED / "policies/arith-tiny", train_problems=24,
                  eval_problems=8, samples=2, steps=3, batch_size=8, quiet=True)

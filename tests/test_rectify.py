@@ -6,10 +6,10 @@ import random
 import polars as pl
 import pytest
 
-from scope_cli.config import Config
-from scope_cli.models import build_arith_tokenizer, init_tiny_policy
+from scope_cli.core.config import Config
+from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
 from scope_cli.schema import RECTIFIED
-from scope_cli.shards import read_stage, read_stage_df
+from scope_cli.core.shards import read_stage, read_stage_df
 from scope_cli.tasks import arith
 from scope_rows import (
     PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, arith_row, group,
@@ -147,7 +147,7 @@ def test_rectify_rows_splices_at_token_level_through_a_merging_bpe():
     from transformers import PreTrainedTokenizerFast
 
     from scope_cli.backends.guide import OracleGuide
-    from scope_cli.steps import align_steps
+    from scope_cli.backends.steps import align_steps
     from stages.rectify import rectify_rows
 
     rng = random.Random(0)
@@ -195,7 +195,7 @@ def test_rectify_rows_splices_at_token_level_through_a_merging_bpe():
 def test_cli_runs_the_three_stages(tmp_path, policy):
     from typer.testing import CliRunner
 
-    from scope_cli.app import app
+    from scope_cli.cli.app import app
 
     run = make_run(tmp_path / "run", policy)
     write_verified(run, 1, [groups()])

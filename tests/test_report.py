@@ -4,10 +4,10 @@ import pyarrow as pa
 import pytest
 
 from scope_cli.metrics import summary_table
-from scope_cli.report import ReportError, load_run, report
-from scope_cli.runs import Run
+from scope_cli.cli.report import ReportError, load_run, report
+from scope_cli.core.runs import Run
 from scope_cli.schema import TRAIN_METRICS, conform
-from scope_cli.shards import write_parquet_atomic
+from scope_cli.core.shards import write_parquet_atomic
 
 
 def fake_run(root, accs, updates_per_round, entropy0):
@@ -73,7 +73,7 @@ def test_figure_for_a_paper(tmp_path):
 
     from PIL import Image
 
-    from scope_cli.report import figure, figure_files, panels
+    from scope_cli.cli.report import figure, figure_files, panels
 
     runs = [load_run(fake_run(tmp_path / "grpo", [0.2, 0.3, 0.4], 4, 1.5)),
             load_run(fake_run(tmp_path / "scope", [0.2, 0.5], 2, 1.4))]
@@ -104,7 +104,7 @@ def test_figure_for_a_paper(tmp_path):
 def test_default_output_is_outside_the_runs(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from scope_cli.app import app
+    from scope_cli.cli.app import app
 
     monkeypatch.setenv("SCOPE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.chdir(tmp_path)
@@ -122,7 +122,7 @@ def test_default_output_is_outside_the_runs(tmp_path, monkeypatch):
 def test_report_command(tmp_path):
     from typer.testing import CliRunner
 
-    from scope_cli.app import app
+    from scope_cli.cli.app import app
 
     a = fake_run(tmp_path / "grpo", [0.2, 0.3], updates_per_round=4, entropy0=1.5)
     result = CliRunner().invoke(app, ["report", str(a), "--out", str(tmp_path / "out")])

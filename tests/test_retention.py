@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from scope_cli.config import ConfigError, load_config
-from scope_cli.rounds import bring_to_round, policy_pruned, prune_checkpoints, round_done
-from scope_cli.runs import Run, mark_policy_complete, policy_complete
-from scope_cli.shards import file_digest, manifest_path, write_json_atomic
+from scope_cli.core.config import ConfigError, load_config
+from scope_cli.cli.rounds import bring_to_round, policy_pruned, prune_checkpoints, round_done
+from scope_cli.core.runs import Run
+from scope_cli.core.policy import mark_policy_complete, policy_complete
+from scope_cli.core.manifests import record as file_digest
+from scope_cli.core.shards import manifest_path, write_json_atomic
 
 
 def fake_run(tmp_path, last: int, overrides: list[str], evaluated: tuple[int, ...] = ()) -> Run:

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from scope_cli import rounds
+from scope_cli.cli import rounds
 from scope_cli.errors import ScopeError
-from scope_cli.runs import Run
+from scope_cli.core.runs import Run
 
 
 def launched(monkeypatch, run: Run, r: int, target: int, fail: str | None = None) -> list[list[str]]:
@@ -34,14 +34,14 @@ def test_train_step_runs_under_torchrun_with_train_procs(tmp_path, monkeypatch):
     train = commands[5]
     assert train[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                          "--nproc-per-node=8", "-m"]
-    assert train[6:] == ["scope_cli.app", "--", "train-step", "--round", "2", "--run", str(run.root),
+    assert train[6:] == ["scope_cli.cli.app", "--", "train-step", "--round", "2", "--run", str(run.root),
                          "--quiet"]
-    assert all(c[:3] == [sys.executable, "-m", "scope_cli.app"] for i, c in enumerate(commands) if i != 5)
+    assert all(c[:3] == [sys.executable, "-m", "scope_cli.cli.app"] for i, c in enumerate(commands) if i != 5)
 
 
 def test_one_process_by_default_and_a_failed_stage_stops_the_round(tmp_path, monkeypatch):
     run = Run.open(tmp_path / "run", None, [], create=True)
     commands = launched(monkeypatch, run, 1, 3)
     assert [c[3] for c in commands] == list(rounds.STAGE_COMMANDS)  # no eval: round 1 of 3, every 5
-    with pytest.raises(ScopeError, match="round 1: `scope_cli.app rectify --round 1"):
+    with pytest.raises(ScopeError, match="round 1: `scope_cli.cli.app rectify --round 1"):
         launched(monkeypatch, run, 1, 3, fail="rectify")

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from scope_cli.rounds import bring_to_round, round_done
-from scope_cli.runs import Run
+from scope_cli.cli.rounds import bring_to_round, round_done
+from scope_cli.core.runs import Run
 from stages.prepare import prepare
 
 TINY = ["prepare.train_size=64", "prepare.eval_size=12", "prepare.ood_size=6", "generate.prompts_per_round=4",
         "generate.prompts_per_shard=2", "generate.n=4", "generate.max_tokens=40", "eval.n_samples=4",
         "eval.ks=[1, 4]", "eval.sampled_limit=3", "eval.max_tokens=40", "verify.workers=1", "eval.every=2",
         "train.minibatches=2", "run.keep_state=0"]
-SCOPE = [sys.executable, "-m", "scope_cli.app"]
+SCOPE = [sys.executable, "-m", "scope_cli.cli.app"]
 
 
 def new_run(root: Path, *extra: str) -> Run:

@@ -1,7 +1,7 @@
 import pytest
 
-from scope_cli.config import ConfigError
-from scope_cli.runs import Run, RunError, round_slice, row_seed
+from scope_cli.core.config import ConfigError
+from scope_cli.core.runs import Run, RunError, round_slice, row_seed
 
 
 def test_round_slices_are_deterministic_and_without_replacement_within_an_epoch():

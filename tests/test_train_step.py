@@ -13,13 +13,16 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import build_round, make_run, rectified_rows, write_rectified
 
-from scope_cli.config import ConfigError
+from scope_cli.core.config import ConfigError
 from scope_cli.errors import ScopeError
-from scope_cli.models import init_tiny_policy, load_policy, policy_info
-from scope_cli.runs import Run, policy_complete
+from scope_cli.models.tiny import init_tiny_policy
+from scope_cli.backends.hf import load_policy
+from scope_cli.core.policy import policy_info
+from scope_cli.core.runs import Run
+from scope_cli.core.policy import policy_complete
 from scope_cli.schema import RECTIFIED, TRAIN_METRICS, conform
-from scope_cli.status import run_status
-from scope_cli.training import (
+from scope_cli.cli.status import run_status
+from scope_cli.backends.training import (
     TrainError,
     init_dist,
     load_train_state,
@@ -31,7 +34,7 @@ from scope_cli.training import (
 )
 from stages.train_step import build_batch, train_step
 
-SCOPE = [sys.executable, "-m", "scope_cli.app"]
+SCOPE = [sys.executable, "-m", "scope_cli.cli.app"]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +171,7 @@ def table(tmp_path_factory):
 
 
 def _batch(run, rows, *overrides):
-    from scope_cli.config import load_config
+    from scope_cli.core.config import load_config
 
     cfg = load_config(None, ["generate.temperature=1.0", *overrides])
     tbl = conform(pa.Table.from_pylist(rows, schema=RECTIFIED), RECTIFIED)
@@ -259,8 +262,8 @@ def test_sft_command_short_version(tmp_path):
 
 
 def test_sft_unreached_target_is_one_line(tmp_path):
-    from scope_cli.config import load_config
-    from scope_cli.sft import SftError, sft
+    from scope_cli.core.config import load_config
+    from scope_cli.models.sft import SftError, sft
 
     cfg = load_config(None, ["sft.steps=2", "sft.eval_every=1", "sft.monitor_size=4",
                              "sft.train_size=50", "sft.batch_size=4", "sft.target_accuracy=0.99"])
@@ -270,8 +273,8 @@ def test_sft_unreached_target_is_one_line(tmp_path):
 
 
 def test_sft_excludes_exactly_the_prepared_eval_sets():
-    from scope_cli.config import load_config
-    from scope_cli.sft import eval_problems
+    from scope_cli.core.config import load_config
+    from scope_cli.models.sft import eval_problems
     from stages.prepare import build_tables
 
     cfg = load_config(None, ["prepare.train_size=300", "prepare.eval_size=50", "prepare.ood_size=20"])
@@ -341,7 +344,7 @@ def test_done_round_stays_done_after_pruning_but_not_after_new_input(round1, tmp
     ],
 )
 def test_with_eos(response, finish, text, stop, expected):
-    from scope_cli.train_batch import with_eos
+    from scope_cli.core.train_batch import with_eos
 
     assert with_eos(response, finish, text, 2, stop) == expected
 
@@ -358,7 +361,7 @@ def test_with_eos(response, finish, text, stop, expected):
     ],
 )
 def test_trained_tokens(response, finish, text, stop_id, expected):
-    from scope_cli.train_batch import trained_tokens
+    from scope_cli.core.train_batch import trained_tokens
 
     assert trained_tokens(response, finish, text, stop_id, 2, [";;"]) == expected
 
@@ -368,8 +371,8 @@ def test_batch_trains_the_sampled_eos_and_old_runs_keep_the_tokenizers(table, tm
     existed reads without error and trains the tokenizer's eos after every finished row, as before."""
     import pyarrow.parquet as pq
 
-    from scope_cli.shards import read_stage
-    from scope_cli.train_batch import NEEDED
+    from scope_cli.core.shards import read_stage
+    from scope_cli.core.train_batch import NEEDED
 
     run, rows = table
     eos = load_policy(run.policy_dir(0))[1].eos_token_id
@@ -387,7 +390,7 @@ def test_batch_trains_the_sampled_eos_and_old_runs_keep_the_tokenizers(table, tm
     pq.write_table(old_tbl, folder / "shard-00000.parquet")
     read = read_stage(folder, NEEDED)  # the missing column is not an error
     assert "stop_token_id" not in read.column_names
-    from scope_cli.config import load_config
+    from scope_cli.core.config import load_config
 
     cfg = load_config(None, ["generate.temperature=1.0", "rectify.mode=augment"])
     old, _ = build_batch(read, cfg, "policy-000", 256, eos)

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pytest
 
 from scope_cli.backends.verifier import Verdict, Verifier, reward, wrap_gold
-from scope_cli.config import Config
+from scope_cli.core.config import Config
 from scope_cli.schema import ROLLOUTS, VERIFIED, conform
-from scope_cli.status import headline, stage_summary
+from scope_cli.cli.status import headline, stage_summary
 
 # (gold, pred, correct): gold first, as math-verify needs it
 EQUIVALENT = [
@@ -134,8 +134,8 @@ def test_verify_table_columns_and_summary(pool):
 
 
 def test_verify_stage_writes_shards_and_status(tmp_path):
-    from scope_cli.runs import Run
-    from scope_cli.shards import read_stage, write_parquet_atomic
+    from scope_cli.core.runs import Run
+    from scope_cli.core.shards import read_stage, write_parquet_atomic
     from stages.verify import verify
 
     run = Run.open(tmp_path / "run", overrides=["verify.timeout=2"], create=True)
@@ -196,9 +196,9 @@ def test_auto_extraction_through_the_verify_command(tmp_path):
     without a box, boxed); boxed mode finds no answer in any response without a box."""
     from typer.testing import CliRunner
 
-    from scope_cli.app import app
-    from scope_cli.runs import Run
-    from scope_cli.shards import read_stage, write_parquet_atomic
+    from scope_cli.cli.app import app
+    from scope_cli.core.runs import Run
+    from scope_cli.core.shards import read_stage, write_parquet_atomic
 
     cases = free_form_cases()
     table = rollout_table([c["response"] for c in cases], [c["gold"] for c in cases], task="math")

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from scope_cli import loggers
-from scope_cli.app import app
-from scope_cli.runs import Run
+from scope_cli.core import loggers
+from scope_cli.cli.app import app
+from scope_cli.core.runs import Run
 
 TINY = ["prepare.train_size=64", "prepare.eval_size=12", "prepare.ood_size=6", "generate.prompts_per_round=4",
         "generate.prompts_per_shard=2", "generate.n=4", "generate.max_tokens=40", "eval.n_samples=4",
@@ -35,7 +35,7 @@ def sets(overrides: list[str]) -> list[str]:
 
 def scope(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`scope ARGS` in a fresh process, stdout and stderr piped (not a terminal)."""
-    done = subprocess.run([sys.executable, "-m", "scope_cli.app", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "scope_cli.cli.app", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=900)
     assert not check or done.returncode == 0, done.stderr[-3000:]
     return done
@@ -271,7 +271,7 @@ def test_eval_shows_answers_done_per_set_and_mode(watched, tmp_path, monkeypatch
 def test_every_command_that_runs_a_model_sets_torch_threads(watched, tmp_path):
     import torch
 
-    from scope_cli.app import open_run
+    from scope_cli.cli.app import open_run
 
     run = copy_of(watched, tmp_path)
     before = torch.get_num_threads()
@@ -305,7 +305,7 @@ def test_dry_run_lists_each_stage_and_runs_and_imports_nothing_heavy(watched, tm
     (run.stage_dir(2, "scored") / "_manifest" / "shard-00001.json").unlink()
     config = (run.root / "config.toml").read_bytes()
     files = sorted(str(p) for p in run.root.rglob("*"))
-    code = ("import sys; from scope_cli.app import app; app(sys.argv[1:], standalone_mode=False); "
+    code = ("import sys; from scope_cli.cli.app import app; app(sys.argv[1:], standalone_mode=False); "
             "print('heavy:', sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, "round", "3", "--run", str(run.root), "--dry-run",
                            "--set", "verify.workers=2"], capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from scope_cli.shards import ShardJob, run_shards
+from scope_cli.core.shards import ShardJob, run_shards
 
 
 def main() -> None:

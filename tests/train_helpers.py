@@ -13,12 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from scope_cli.models import init_tiny_policy, load_policy
-from scope_cli.runs import Run
+from scope_cli.models.tiny import init_tiny_policy
+from scope_cli.backends.hf import load_policy
+from scope_cli.core.runs import Run
 from scope_cli.schema import RECTIFIED, conform
-from scope_cli.shards import write_parquet_atomic
+from scope_cli.core.shards import write_parquet_atomic
 from scope_cli.tasks import arith
-from scope_cli.training import response_logits, token_logprobs
+from scope_cli.backends.training import response_logits, token_logprobs
 
 BASE = ["generate.temperature=1.0", "train.lr=0.001", "train.threads=1"]
 

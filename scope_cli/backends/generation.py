@@ -17,7 +17,7 @@ rows however the rows are batched, sharded or resumed. Conventions, identical in
   None for rows ended by a stop string or cut at max_tokens;
 - a stop string ends a row with "stop" after the token that completes it; that token stays;
 - reaching `max_tokens` (or the model's length limit) ends a row with "length";
-- `text` is ``decode(response_ids)`` with special tokens skipped (scope_cli.steps.decode).
+- `text` is ``decode(response_ids)`` with special tokens skipped (scope_cli.backends.steps.decode).
 
 Backends:
 
@@ -138,7 +138,7 @@ def eos_token_ids(policy_dir: Path, tokenizer: Any) -> set[int]:
         ids.add(int(tokenizer.eos_token_id))
     gen = Path(policy_dir) / "generation_config.json"
     if gen.exists():
-        from scope_cli.jsonfile import JsonFileError, read_json_object
+        from scope_cli.errors import JsonFileError, read_json_object
 
         eos = read_json_object(gen, fix="fix or remove the file").get("eos_token_id")
         eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
@@ -149,7 +149,7 @@ def eos_token_ids(policy_dir: Path, tokenizer: Any) -> set[int]:
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    from scope_cli.steps import decode as decode_response
+    from scope_cli.backends.steps import decode as decode_response
 
     return decode_response(tokenizer, list(ids))
 
@@ -247,7 +247,7 @@ class HFBackend:
         """Load a policy folder (weights and tokenizer) in place of the current one. The next round's
         policy (same config and tokenizer files, one safetensors file) only has its weights copied
         into the live model."""
-        from scope_cli.models import load_policy
+        from scope_cli.backends.hf import load_policy
 
         if not self._load_weights_only(Path(policy_dir)):
             self.model, self.tokenizer = load_policy(policy_dir, dtype=self.dtype, device=self.device,
@@ -265,7 +265,7 @@ class HFBackend:
         model.safetensors holding exactly the model's tensors, tied ones aside); else False."""
         from safetensors.torch import load_file
 
-        from scope_cli.policy import check_policy_folder
+        from scope_cli.backends.hf import check_policy_folder
 
         old = getattr(self, "policy", None)
         weights = policy_dir / "model.safetensors"
@@ -415,8 +415,8 @@ class VLLMBackend:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        from scope_cli.models import quiet_transformers
-        from scope_cli.policy import check_policy_folder
+        from scope_cli.backends.hf import quiet_transformers
+        from scope_cli.backends.hf import check_policy_folder
 
         check_policy_folder(policy_dir)
         quiet_transformers()

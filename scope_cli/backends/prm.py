@@ -204,7 +204,7 @@ class HFPrm:
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
-        from scope_cli.models import quiet_transformers
+        from scope_cli.backends.hf import quiet_transformers
 
         self.path = Path(path)
         _check_folder(self.path)

@@ -34,7 +34,7 @@ from pathlib import Path
 WARM_IMPORTS = (
     "polars", "safetensors.torch", "torch", "torch.distributed.checkpoint.state_dict",
     "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
-    "transformers.models.llama.modeling_llama", "scope_cli.app", "scope_cli.rounds", "scope_cli.training",
+    "transformers.models.llama.modeling_llama", "scope_cli.cli.app", "scope_cli.cli.rounds", "scope_cli.backends.training",
     "scope_cli.backends.generation", "scope_cli.backends.guide", "scope_cli.backends.prm",
     "scope_cli.backends.verifier", "stages.prepare", "stages.generate", "stages.verify", "stages.prm_score",
     "stages.locate_error", "stages.rectify", "stages.train_step", "stages.eval",
@@ -88,7 +88,7 @@ def child(root: str, attempt: dict, record_path: Path) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     sys.addaudithook(hook)
-    from scope_cli.app import app
+    from scope_cli.cli.app import app
 
     try:
         code = app(attempt["args"], prog_name="scope", standalone_mode=False)

@@ -46,7 +46,7 @@ def prepare_args(root: Path, *extra: str) -> list[str]:
 def scope(*args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """The `scope` command line in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
-    done = subprocess.run([sys.executable, "-m", "scope_cli.app", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "scope_cli.cli.app", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, **kwargs)
     if check and done.returncode != 0:
         raise AssertionError(f"scope {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -101,7 +101,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 def cli(*args: str, env: dict[str, str] | None = None):
     from typer.testing import CliRunner
 
-    from scope_cli.app import app
+    from scope_cli.cli.app import app
 
     return CliRunner().invoke(app, list(args), env=env)
 

@@ -18,15 +18,15 @@ import pytest
 from rel_helpers import REPO, copy_run
 from typer.testing import CliRunner
 
-from scope_cli.app import app
+from scope_cli.cli.app import app
 from scope_cli.backends.prm import PrmItem, RulePrm
 from scope_cli.backends.verifier import STATUSES, Verifier
-from scope_cli.config import Config
-from scope_cli.models import build_arith_tokenizer
-from scope_cli.runs import Run
+from scope_cli.core.config import Config
+from scope_cli.models.tiny import build_arith_tokenizer
+from scope_cli.core.runs import Run
 from scope_cli.schema import ROLLOUTS, conform
-from scope_cli.shards import read_stage, shard_path, write_parquet_atomic
-from scope_cli.steps import align_steps
+from scope_cli.core.shards import read_stage, shard_path, write_parquet_atomic
+from scope_cli.backends.steps import align_steps
 from scope_cli.tasks import arith, math
 
 NESTED = "\\frac{" * 5000 + "1" + "}" * 5000

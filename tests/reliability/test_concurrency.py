@@ -14,9 +14,9 @@ import pytest
 from rel_helpers import TALLY, compare_runs, copy_run, run_plan
 from typer.testing import CliRunner
 
-from scope_cli.app import app
-from scope_cli.runs import Run
-from scope_cli.shards import list_shard_files, manifest_path, shard_lock, shard_path
+from scope_cli.cli.app import app
+from scope_cli.core.runs import Run
+from scope_cli.core.shards import list_shard_files, manifest_path, shard_lock, shard_path
 
 SHARD_LINE = re.compile(r"^(generate|verify|prm-score|locate-error|rectify|eval): round \d+: shard (\d+) \(", re.M)
 

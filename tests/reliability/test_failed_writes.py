@@ -17,9 +17,9 @@ import pytest
 from rel_helpers import copy_run, data_files, temporaries
 from typer.testing import CliRunner
 
-from scope_cli.app import app
-from scope_cli.runs import Run
-from scope_cli.shards import list_shard_files, manifest_path
+from scope_cli.cli.app import app
+from scope_cli.core.runs import Run
+from scope_cli.core.shards import list_shard_files, manifest_path
 
 
 def cli(*args: str):
@@ -57,7 +57,7 @@ def no_permission(*args, **kwargs):
     ("manifest", full_disk),       # the manifest, after the shard landed
 ])
 def test_failed_shard_write(reference, tmp_path, monkeypatch, where, error):
-    import scope_cli.shards as shards
+    import scope_cli.core.shards as shards
 
     root = copy_run(reference["root"], tmp_path / "run")
     verified = Run.open(root).stage_dir(1, "verified")

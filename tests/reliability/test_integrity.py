@@ -17,9 +17,9 @@ import pytest
 from rel_helpers import copy_run, data_files, run_plan, temporaries
 from typer.testing import CliRunner
 
-from scope_cli.app import app
-from scope_cli.rounds import eval_done
-from scope_cli.runs import Run
+from scope_cli.cli.app import app
+from scope_cli.cli.rounds import eval_done
+from scope_cli.core.runs import Run
 
 
 def cli(*args: str):

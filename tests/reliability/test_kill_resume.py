@@ -148,7 +148,7 @@ def test_scope_round_killed_from_outside(kill_reference, prepared, tmp_path, iso
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kills = 0
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "scope_cli.app", *args], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "scope_cli.cli.app", *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.time() + 600
         while not (root / "round-000").exists() and proc.poll() is None and time.time() < deadline:

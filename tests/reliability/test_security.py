@@ -21,9 +21,9 @@ import pytest
 from rel_helpers import POLICY, REPO, TINY, copy_run, prepare_args, scope
 from typer.testing import CliRunner
 
-from scope_cli.app import app
-from scope_cli.runs import Run
-from scope_cli.shards import list_shard_files
+from scope_cli.cli.app import app
+from scope_cli.core.runs import Run
+from scope_cli.core.shards import list_shard_files
 
 CODE_DIRS = ("scope_cli", "stages", "bench", "scripts")
 
@@ -135,7 +135,7 @@ def test_the_static_check_catches_what_it_forbids(tmp_path, monkeypatch):
 def test_the_only_shell_script_quotes_every_argument(monkeypatch, tmp_path):
     """`scope compare` runs each arm as a `bash -c` script built from its command-line arguments
     (never from data): every piece goes through shlex.quote, so a hostile name stays one argument."""
-    import scope_cli.compare as compare
+    import scope_cli.cli.compare as compare
 
     scripts = []
 
@@ -218,8 +218,8 @@ def test_custom_code_runs_only_with_trust_remote_code(reference, tmp_path):
 def test_pickled_weights_are_never_loaded(tmp_path):
     """A folder with a hostile pytorch_model.bin beside the safetensors weights: the policy loads from
     safetensors, the pickle is never opened; a folder with only the pickle is refused."""
-    from scope_cli.models import load_policy
-    from scope_cli.policy import PolicyError
+    from scope_cli.backends.hf import load_policy
+    from scope_cli.backends.hf import PolicyError
 
     marker = tmp_path / "MARKER"
     folder = evil_policy(tmp_path / "evil", marker)
@@ -253,7 +253,7 @@ def test_file_names_never_come_from_data(reference, tmp_path):
     import pyarrow as pa
 
     from scope_cli.schema import PROMPTS, conform
-    from scope_cli.shards import shard_path, write_parquet_atomic
+    from scope_cli.core.shards import shard_path, write_parquet_atomic
 
     write_parquet_atomic(conform(pa.Table.from_pylist(prompts, schema=PROMPTS), PROMPTS),
                          shard_path(run.prompts_dir, 0))

@@ -13,8 +13,8 @@ import pytest
 import torch
 from rel_helpers import POLICY, TINY, cli, one_line_error, set_args
 
-from scope_cli.config import Config, ConfigError, load_config
-from scope_cli.ranges import Range
+from scope_cli.core.config import Config, ConfigError, load_config
+from scope_cli.sections import Range
 
 
 def listing(folder: Path) -> list[str]:
@@ -215,7 +215,7 @@ def test_a_huge_prompt_is_skipped_without_tokenizing_it():
     """A 10 MB prompt has at least 10 MB / (longest vocabulary entry) tokens: far over the context, so
     it is skipped before the tokenizer sees it (which would take GBs and tens of seconds)."""
     from scope_cli.backends.generation import encode_prompt, max_token_chars
-    from scope_cli.models import load_policy
+    from scope_cli.backends.hf import load_policy
 
     _, tokenizer = load_policy(POLICY)
     calls = []

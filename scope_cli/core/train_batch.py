@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from scope_cli import objectives as obj
-from scope_cli.config import Config
+from scope_cli.core.config import Config
 from scope_cli.schema import RECTIFIED
-from scope_cli.training import TrainError
+from scope_cli.backends.training import TrainError
 
 # the columns train-step reads (a subset of RECTIFIED); stop_token_id may be missing (older runs)
 NEEDED = pa.schema([RECTIFIED.field(n) for n in (

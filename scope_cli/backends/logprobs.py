@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scope_cli.training import token_logprobs, unwrap
+from scope_cli.backends.training import token_logprobs, unwrap
 
 
 # ---- micro-batch inputs -----------------------------------------------------------------------------

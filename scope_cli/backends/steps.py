@@ -144,7 +144,7 @@ def load_policy_tokenizer(path: Any, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a policy folder, as generate loads it (the one that wrote response_ids)."""
     from transformers import AutoTokenizer
 
-    from scope_cli.models import quiet_transformers
+    from scope_cli.backends.hf import quiet_transformers
 
     quiet_transformers()
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -2,7 +2,7 @@
 
 A stage folder holds ``shard-NNNNN.parquet`` plus ``_manifest/shard-NNNNN.json``. A shard is done when
 its output (and any file its job writes beside it) matches the size and sha256 its manifest records, and
-the manifest's inputs (size + sha256) and config hash match (digests: scope_cli/manifests.py). Outputs
+the manifest's inputs (size + sha256) and config hash match (digests: scope_cli/core/manifests.py). Outputs
 are written to a temporary name in the same folder and renamed, so a crash never leaves a file a reader
 would take as done; the manifest is written last. Timings live only in manifests, never in Parquet.
 Files and folders get the modes the umask gives (0666 / 0777 minus the umask), temporaries included.
@@ -36,25 +36,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scope_cli import __version__
-from scope_cli.errors import ScopeError
-from scope_cli.manifests import damaged, folder_digest, problem, read_manifest, remember  # noqa: F401
-from scope_cli.manifests import record as file_digest
+from scope_cli.errors import ScopeError, env_int, write_failure
+from scope_cli.core.manifests import damaged, problem, read_manifest, remember
+from scope_cli.core.manifests import record as file_digest
 from scope_cli.schema import OPTIONAL_COLUMNS, STAGE_OUTPUTS
-from scope_cli.tempfiles import (  # noqa: F401 (swap_folder re-exported: callers import it from here)
-    honour_umask,
-    remove_path,
-    remove_stale_temps,
-    swap_folder,
-    temp_prefix,
-)
+from scope_cli.tempfiles import honour_umask, remove_path, remove_stale_temps, temp_prefix
 
 
 class ShardError(ScopeError):
     """A bad or missing shard: the message is one line naming the file and what was expected."""
-
-
-class WriteError(ShardError, OSError):
-    """A write that failed (disk full, no permission): nothing partial is left under the final name."""
 
 
 # ---- names -----------------------------------------------------------------------------------------
@@ -112,19 +102,6 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         if failure is exc:
             raise
         raise failure from exc
-
-
-def write_failure(exc: BaseException, path: Path) -> BaseException:
-    """A failed write as a one-line WriteError: an OSError (a full disk, a permission) or
-    safetensors' SafetensorError, which a full disk raises while writing weights and which is not an
-    OSError. Anything else is returned unchanged."""
-    from safetensors import SafetensorError
-
-    if isinstance(exc, ScopeError) or not isinstance(exc, (OSError, SafetensorError)):
-        return exc
-    reason = (exc.strerror if isinstance(exc, OSError) else None) or (str(exc).splitlines() or [""])[0]
-    return WriteError(f"{path}: cannot write ({reason or type(exc).__name__}); nothing was left under "
-                      "this name, rerun once there is space or permission")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -309,14 +286,6 @@ def worker_slot(shard_index: int | None = None, num_shards: int | None = None) -
         raise ShardError(f"worker slot {index} of {count} ({where}) is out of range: need a count >= 1 "
                          "and 0 <= index < count")
     return index, count
-
-
-def env_int(name: str, default: str | None = None) -> int:
-    text = os.environ.get(name, default)
-    try:
-        return int(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ShardError(f"environment variable {name}={text!r}: expected an integer") from None
 
 
 # ---- running a sharded stage -----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The learned PRM of the embedded task: a tiny Qwen2 backbone with a 2-class head at step tags.
 
-    python -m scope_cli.prm_train --out data/prms/arith-tiny-prm --threads 4   # rebuild the shipped PRM
+    python -m scope_cli.models.prm_train --out data/prms/arith-tiny-prm --threads 4   # rebuild the shipped PRM
 
 (about 4 minutes on one GPU, sampling included; on CPU the same command takes much longer and gives an
 equivalent PRM, not a bit-identical one). It is written in the Qwen2.5-Math-PRM format, so the `hf`
@@ -45,7 +45,7 @@ PRM_MARKER = "scope-prm.json"
 
 def build_prm_tokenizer():
     """The arith character tokenizer plus the special step token <extra_0>."""
-    from scope_cli.models import build_arith_tokenizer
+    from scope_cli.models.tiny import build_arith_tokenizer
 
     tok = build_arith_tokenizer()
     tok.add_tokens([QWEN_STEP_TOKEN], special_tokens=True)
@@ -134,7 +134,7 @@ def save_prm(module, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> Pa
     `out_dir` and renamed into place; scope-prm.json (info) is written last."""
     from safetensors.torch import save_file
 
-    from scope_cli.models import quiet_transformers
+    from scope_cli.backends.hf import quiet_transformers
 
     quiet_transformers()
     out = Path(out_dir)
@@ -180,7 +180,7 @@ def sample_rollouts(policy: str | Path, problems: list[str], samples: int, *, se
     generation backend (what `scope generate` samples with; on the GPU where there is one), at
     `temperature` without top-k/top-p, one seed per (problem, sample)."""
     from scope_cli.backends.generation import Sampling, encode_prompt, open_backend
-    from scope_cli.runs import row_seed
+    from scope_cli.core.runs import row_seed
 
     backend = open_backend("hf", Path(policy), batch_size=batch_size)
     try:
@@ -295,13 +295,13 @@ def build(out: str | Path, *, policy: str | Path = "data/policies/arith-tiny", t
     module, tok = train_prm(items, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                             quiet=quiet, init_from=policy if from_policy else None, **shape)
     info = {
-        "source": "scope_cli.prm_train", "policy": str(policy), "data_seed": DATA_SEED, "seed": seed,
+        "source": "scope_cli.models.prm_train", "policy": str(policy), "data_seed": DATA_SEED, "seed": seed,
         "train_problems": train_problems, "eval_problems": eval_problems, "samples": samples,
         "steps": steps, "batch_size": batch_size, "lr": lr,
         "init": "policy" if from_policy else {"random": shape},
         "train_rollouts": len(items), "eval_rollouts": len(eval_items),
         "device": "cuda" if __import__("torch").cuda.is_available() else "cpu",
-        "rebuild": command or f"python -m scope_cli.prm_train --out {out}",
+        "rebuild": command or f"python -m scope_cli.models.prm_train --out {out}",
     }
     folder = save_prm(module, tok, out, info)
     info["heldout_vs_rule"] = evaluate(HFPrm(folder, "qwen", device="cpu"), eval_items, eval_labels)
@@ -311,7 +311,7 @@ def build(out: str | Path, *, policy: str | Path = "data/policies/arith-tiny", t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scope_cli.prm_train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scope_cli.models.prm_train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/prms/arith-tiny-prm")
     parser.add_argument("--policy", default="data/policies/arith-tiny")
     parser.add_argument("--train-problems", type=int, default=8000)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    command = " ".join(["python -m scope_cli.prm_train", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m scope_cli.models.prm_train", *(sys.argv[1:] if argv is None else argv)])
     info = build(args.out, policy=args.policy, train_problems=args.train_problems,
                  eval_problems=args.eval_problems, samples=args.samples, steps=args.steps,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -11,9 +11,9 @@ torchrun the model runs bare in one process.
 Length buckets (`plan_microbatches`, `response_logits`): a micro-batch holds rows of similar length,
 right-padded, with no attention mask (causal attention never lets a real token see a pad that
 follows it), so a row's log-probs do not depend on what it is batched with. Packed micro-batches and
-chunked log-probs, for long rows and large vocabularies, are in scope_cli/logprobs.py.
+chunked log-probs, for long rows and large vocabularies, are in scope_cli/backends/logprobs.py.
 
-State. Weights go to the policy folder (safetensors, via `scope_cli.models.save_policy`); the
+State. Weights go to the policy folder (safetensors, via `scope_cli.core.policy.save_policy`); the
 optimizer's full (unsharded) state goes to `state/optimizer.safetensors` with its param groups in the
 file's metadata, and the global update count, world size and RNG state to `state/trainer.json` and
 `state/rng.safetensors`. Nothing is pickled. Full state dicts make the state independent of the world
@@ -56,7 +56,7 @@ class Dist:
 
 def set_threads(threads: int) -> None:
     """torch's CPU threads for this process: train.threads (0: torch's default), set the same way for
-    every command that runs a model (`scope_cli.app.open_run`) and by the SFT bootstrap. One thread is
+    every command that runs a model (`scope_cli.cli.app.open_run`) and by the SFT bootstrap. One thread is
     fastest for the tiny models on small CPUs (on a loaded 2-core machine torch's default made `scope
     eval --round 0` alone 6× slower: docs/PERFORMANCE.md). Left alone where CUDA is used."""
     if threads > 0 and not torch.cuda.is_available():
@@ -66,7 +66,7 @@ def set_threads(threads: int) -> None:
 def init_dist(device: str = "auto") -> Dist:
     """This process's place, from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process without
     them); under torchrun the process group is initialised, NCCL on GPUs and gloo on CPU."""
-    from scope_cli.shards import env_int
+    from scope_cli.errors import env_int
 
     world, rank, local = env_int("WORLD_SIZE", "1"), env_int("RANK", "0"), env_int("LOCAL_RANK", "0")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -106,7 +106,7 @@ def use_bf16(mixed_precision: str, device: torch.device) -> bool:
 def wrap_model(model, d: Dist, *, fsdp: bool, bf16: bool = False, activation_checkpointing: bool = False):
     """DDP, FSDP2 or the bare model (one process). With `bf16`, FSDP2 on a GPU keeps bf16 copies of
     the parameters for compute (MixedPrecisionPolicy, gradients reduced in fp32); everywhere else
-    train-step computes under torch.autocast (scope_cli.train_update.Mode)."""
+    train-step computes under torch.autocast (scope_cli.core.train_update.Mode)."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -227,7 +227,7 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
     from scope_cli.tempfiles import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
-    from scope_cli.shards import write_failure
+    from scope_cli.errors import write_failure
 
     state_dir = Path(state_dir)
     state_dir.parent.mkdir(parents=True, exist_ok=True)

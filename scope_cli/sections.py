@@ -1,15 +1,73 @@
-"""The config's sections: one dataclass per stage plus `run`, `task`, `policy` and `round`.
+"""The config's sections: one dataclass per stage plus `run`, `task`, `policy` and `round`, and the
+allowed values of their numeric keys, declared on the field itself.
 
-Every key has a default and a comment; numeric keys declare their allowed range (`key(default,
-Range(...))`, scope_cli/ranges.py) and operational keys are marked (`op(...)`). scope_cli/config.py
-builds, validates, compares and hashes a `Config` made of these sections.
+    temperature: float = key(1.0, Range(gt=0, le=10))
+    grad_clip: float = key(1.0, Range(ge=0, zero="no clipping"))
+    batch_size: int = op(256, Range(ge=1))          # operational (never fixes a run)
+
+A `Range` is finite by construction (NaN and ±inf are refused for every float key), with optional
+bounds; `zero` names what 0 means where it is a special value. Operational keys (`op`) change how work
+is done (worker counts, batch sizes), not what it computes. scope_cli/core/config.py builds, validates
+(every field that declares a range; each element of a list field), compares and hashes a `Config` made
+of these sections.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
-from scope_cli.ranges import Range, key, op
+
+@dataclass(frozen=True)
+class Range:
+    ge: float | None = None  # value >= ge
+    gt: float | None = None  # value > gt
+    le: float | None = None  # value <= le
+    lt: float | None = None  # value < lt
+    zero: str = ""  # what 0 means, where 0 is a special value outside the other bounds ("off")
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.zero and value == 0:
+            return True
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self, integer: bool) -> str:
+        """'an integer >= 1', 'a finite number > 0 and <= 10', '0 (off) or an integer >= 1'."""
+        parts = [f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le),
+                                                    ("<", self.lt)) if v is not None]
+        kind = "an integer" if integer else "a finite number"
+        text = f"{kind} {' and '.join(parts)}" if parts else kind
+        return f"0 ({self.zero}) or {text}" if self.zero else text
+
+
+def _num(value: float) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    return f"{value:,}".replace(",", "_") if isinstance(value, int) and abs(value) >= 100_000 else str(value)
+
+
+def key(default: Any = MISSING, rng: Range | None = None, *, default_factory: Any = MISSING,
+        operational: bool = False) -> Any:
+    """A config field with an optional allowed range (`rng`) and the operational flag."""
+    metadata: dict[str, Any] = {}
+    if rng is not None:
+        metadata["range"] = rng
+    if operational:
+        metadata["operational"] = True
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def op(default: Any = MISSING, rng: Range | None = None, *, default_factory: Any = MISSING) -> Any:
+    """A field that is operational: how work is done (workers, batch sizes), not what it computes;
+    left out of a run's fixed config check."""
+    return key(default, rng, default_factory=default_factory, operational=True)
+
 
 SEED = Range(ge=0, le=2**63 - 1)
 PROB = Range(ge=0, le=1)
@@ -20,12 +78,12 @@ class RunConfig:
     name: str = "default"
     seed: int = key(0, SEED)
     algo: str = "scope"  # grpo | luffy | scope
-    # checkpoint retention, applied by `scope round` after each finished round (scope_cli/rounds.py);
+    # checkpoint retention, applied by `scope round` after each finished round (scope_cli/cli/rounds.py);
     # operational: it removes old files, never changes what a stage computes
     keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders
     keep_every: int = op(0, Range(ge=1, zero="none"))  # and every M-th beyond the last K
     keep_state: int = op(1, Range(ge=1, zero="keep all"))  # keep train state of the last K rounds
-    # live curves (scope_cli/loggers.py): each round's train and eval metrics, written after
+    # live curves (scope_cli/core/loggers.py): each round's train and eval metrics, written after
     # train-step and eval from their Parquet, stepped by the global optimizer update count.
     # "tensorboard": event files under runs/<run>/tensorboard/; "wandb": a wandb run (offline unless
     # WANDB_MODE says otherwise; needs the wandb package); []: none. Operational: files beside the run

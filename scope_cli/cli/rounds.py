@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from scope_cli.errors import ScopeError
-from scope_cli.loggers import log_rounds
-from scope_cli.runs import Run, policy_complete
+from scope_cli.core.loggers import log_rounds
+from scope_cli.core.runs import Run
+from scope_cli.core.policy import policy_complete
 
 STAGE_COMMANDS = ("generate", "verify", "prm-score", "locate-error", "rectify", "train-step")
 
@@ -42,7 +43,7 @@ def eval_done(run: Run, round_: int) -> bool:
     """Round R's eval finished: its summary manifest (written after summary.parquet and
     training.parquet) is whole and both files have the sizes it records. (Their contents are checked
     by `scope eval`, `scope status` and the readers: this check runs for every round, often.)"""
-    from scope_cli.manifests import manifest_files, read_manifest
+    from scope_cli.core.manifests import manifest_files, read_manifest
 
     eval_dir = run.eval_dir(round_)
     m, _ = read_manifest(eval_dir / "_manifest" / "summary.json")
@@ -53,7 +54,7 @@ def eval_done(run: Run, round_: int) -> bool:
 def train_done(run: Run, round_: int) -> bool:
     """Round R's train-step finished (policy complete, its manifest written last): the stages before
     it have nothing left to do for the round."""
-    from scope_cli.shards import manifest_path
+    from scope_cli.core.shards import manifest_path
 
     return policy_complete(run.policy_dir(round_)) and manifest_path(run.train_dir(round_), 0).exists()
 
@@ -61,7 +62,7 @@ def train_done(run: Run, round_: int) -> bool:
 def policy_pruned(run: Run, round_: int) -> bool:
     """policy-R was removed by checkpoint retention: round R's train-step finished (its manifest is
     written after the policy) and a later policy is complete (retention keeps the newest)."""
-    from scope_cli.shards import manifest_path
+    from scope_cli.core.shards import manifest_path
 
     last = run.last_policy_round()
     return (last is not None and last > round_ and not policy_complete(run.policy_dir(round_))
@@ -72,7 +73,7 @@ def round_done(run: Run, round_: int, target: int) -> bool:
     """Finished: its policy is complete, its train-step manifest (written last) exists and, where this
     round is evaluated, its eval summary exists; or its policy was removed by checkpoint retention
     after the round finished."""
-    from scope_cli.shards import manifest_path
+    from scope_cli.core.shards import manifest_path
     from stages.eval import should_eval
 
     if round_ > 0 and not policy_complete(run.policy_dir(round_)):
@@ -100,7 +101,7 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
     if target < 1:
         raise ScopeError(f"round: expected a round number >= 1, got {target}")
     if not policy_complete(run.policy_dir(0)):
-        from scope_cli.policy import PolicyError, check_policy_folder
+        from scope_cli.backends.hf import PolicyError, check_policy_folder
 
         try:
             check_policy_folder(run.config.policy.path)
@@ -170,7 +171,7 @@ def _all_done(run: Run, r: int, stage: str, result: Any) -> None:
 def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
     from stages.eval import should_eval
 
-    base = [sys.executable, "-m", "scope_cli.app"]
+    base = [sys.executable, "-m", "scope_cli.cli.app"]
     common = ["--run", str(run.root), *(["--quiet"] if quiet else [])]
     commands = []
     procs = run.config.round.train_procs
@@ -179,7 +180,7 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
             args = [stage, "--round", str(r), *common]
             if stage == "train-step" and procs > 1:  # the `--` keeps torchrun off `--run`
                 commands.append([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={procs}", "-m", "scope_cli.app", "--", *args])
+                                 f"--nproc-per-node={procs}", "-m", "scope_cli.cli.app", "--", *args])
             else:
                 commands.append([*base, *args])
     if should_eval(run.config, r, target) and not eval_done(run, r):
@@ -260,8 +261,8 @@ def dry_run(run: Run, target: int) -> list[tuple[int, str, str]]:
     stages make (manifests, config hashes, input digests), with nothing computed or loaded (no torch,
     no model). train-step counts as done when its policy and manifest exist and nothing before it
     would run."""
-    from scope_cli.config import config_hash
-    from scope_cli.shards import ShardError, complete_shards, is_done
+    from scope_cli.core.config import config_hash
+    from scope_cli.core.shards import ShardError, complete_shards, is_done
     from stages import eval as eval_stage
     from stages import generate, locate_error, prm_score, rectify, verify
 

@@ -12,7 +12,7 @@ counts summed over processes); then gradient clipping and one AdamW step. Per-to
 train.tis_cap), LUFFY's shaped -A·π/(π+γ) (or -A·logπ) on off-policy tokens, k3 KL to policy-000
 under train.kl_coef.
 
-Two ways to the log-probs (scope_cli/logprobs.py): the whole-logits path on right-padded length
+Two ways to the log-probs (scope_cli/backends/logprobs.py): the whole-logits path on right-padded length
 buckets (`response_logits`; the CPU default, unchanged from earlier releases, byte for byte), and
 the path for large vocabularies and long rows: packed rows and/or chunked lm_head + log-softmax, where
 the loss is computed chunk by chunk together with its gradient. Both compute the same values within
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from scope_cli import objectives as obj
-from scope_cli.config import Config
-from scope_cli.logprobs import (
+from scope_cli.core.config import Config
+from scope_cli.backends.logprobs import (
     chunkable,
     fused_loss,
     packed_inputs,
@@ -39,8 +39,8 @@ from scope_cli.logprobs import (
     response_logprobs,
     whole_logprobs,
 )
-from scope_cli.train_batch import Row
-from scope_cli.training import (
+from scope_cli.core.train_batch import Row
+from scope_cli.backends.training import (
     Dist,
     TrainError,
     all_reduce,

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scope_cli.jsonfile import json_object
+from scope_cli.errors import json_object
 
 RACY_NS = 50_000_000
 BIG, BLOCK = 1 << 30, 256 << 20  # files over BIG are hashed as BLOCK-sized blocks, in threads

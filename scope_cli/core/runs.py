@@ -19,17 +19,23 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scope_cli.config import Config, ConfigError, differing_keys, from_dict, load_config, read_toml, to_toml
+from scope_cli.core.config import (
+    Config,
+    ConfigError,
+    differing_keys,
+    from_dict,
+    load_config,
+    read_toml,
+    to_toml,
+)
 from scope_cli.errors import ScopeError
-from scope_cli.manifests import run_command
+from scope_cli.core.manifests import run_command
+from scope_cli.core.policy import policy_complete
 
 if TYPE_CHECKING:
     import numpy as np
 
 STAGES = ("rollouts", "verified", "scored", "located", "rectified")
-POLICY_MARKER = "scope-policy.json"
-
-
 class RunError(ScopeError):
     """A run-level problem (missing input, refused config): one line."""
 
@@ -81,7 +87,7 @@ class Run:
     ) -> "Run":
         """Open (or create) a run. An existing run's config is the base; a `--config`/`--set` that
         changes a key is refused, naming the keys, unless `force`, which records the new config."""
-        from scope_cli.shards import write_text_atomic  # (pyarrow: not needed by `scope status`)
+        from scope_cli.core.shards import write_text_atomic  # (pyarrow: not needed by `scope status`)
 
         root = Path(root)
         stored = root / "config.toml"
@@ -160,7 +166,7 @@ class Run:
         """All training prompt ids, sorted (the order slices are drawn from)."""
         import pyarrow.parquet as pq
 
-        from scope_cli.shards import ShardError, list_shard_files
+        from scope_cli.core.shards import ShardError, list_shard_files
 
         files = list_shard_files(self.prompts_dir)
         if not files:
@@ -226,11 +232,49 @@ def row_seed(seed: int, round_: int, prompt_id: str, sample_idx: int) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
 
-def policy_complete(path: Path) -> bool:
-    return (Path(path) / POLICY_MARKER).exists()
+# ---- a round's training-side tables ------------------------------------------------------------------
+def training_metrics(run: Any, round_: int) -> dict[str, float]:
+    """What round R's stages wrote, where present: rollout accuracy, shares of all-wrong and all-right
+    groups, salvaged and rectified rows, and (from train/metrics.parquet) the last update, dropped
+    groups, and the mean entropy, ratio and clip fraction over the round's updates."""
+    import polars as pl
 
+    from scope_cli.core.shards import list_shard_files
 
-def mark_policy_complete(path: Path, info: dict) -> None:
-    from scope_cli.shards import write_text_atomic
+    def scan(folder: str, columns: list[str]) -> pl.DataFrame | None:
+        files = list_shard_files(run.stage_dir(round_, folder))
+        if not files:
+            return None
+        frame = pl.scan_parquet([str(p) for p in files])
+        have = frame.collect_schema().names()
+        return frame.select([c for c in columns if c in have]).collect()
 
-    write_text_atomic(json.dumps(info, indent=1, sort_keys=True) + "\n", Path(path) / POLICY_MARKER)
+    out: dict[str, float] = {}
+    verified = scan("verified", ["prompt_id", "correct"])
+    if verified is not None and verified.height and "correct" in verified.columns:
+        groups = verified.group_by("prompt_id").agg(pl.col("correct").cast(pl.Float64).mean().alias("acc"))
+        out["rollouts"] = float(verified.height)
+        out["rollout_acc"] = float(verified["correct"].cast(pl.Float64).mean())
+        out["all_wrong_share"] = float((groups["acc"] == 0.0).mean())
+        out["all_right_share"] = float((groups["acc"] == 1.0).mean())
+    located = scan("located", ["salvage"])
+    if located is not None and "salvage" in located.columns:
+        out["salvaged"] = float(located["salvage"].fill_null(False).sum())
+    rectified = scan("rectified", ["origin", "in_batch"])
+    if rectified is not None and "origin" in rectified.columns:
+        out["rectified"] = float((rectified["origin"] == "rectified").sum())
+        out["reference"] = float((rectified["origin"] == "reference").sum())
+        if "in_batch" in rectified.columns:
+            out["batch_rows"] = float(rectified["in_batch"].fill_null(False).sum())
+    train_file = run.train_dir(round_) / "metrics.parquet"
+    if train_file.exists():
+        train = pl.read_parquet(train_file)
+        if train.height:
+            out["update"] = float(train["update"].max())
+            out["updates"] = float(train.height)
+            if "dropped_groups" in train.columns:
+                out["dropped_groups"] = float(train["dropped_groups"].max())
+            for col in ("entropy", "mean_ratio", "clip_fraction", "loss", "kl", "grad_norm"):
+                if col in train.columns and train[col].drop_nulls().len():
+                    out[col] = float(train[col].drop_nulls().mean())
+    return out

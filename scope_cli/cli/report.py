@@ -66,7 +66,7 @@ class RunData:
 def check_read(root: Path, round_: int) -> None:
     """Round R's train metrics, eval summary and training table, where present, are what their
     manifests record (a damaged one is named with the command that recomputes it)."""
-    from scope_cli.manifests import run_command, vouched
+    from scope_cli.core.manifests import run_command, vouched
 
     train, evald = Path(root) / f"round-{round_:03d}" / "train", Path(root) / f"round-{round_:03d}" / "eval"
     for path, man, repair in (
@@ -82,8 +82,8 @@ def load_run(root: Path) -> RunData:
     """Read what `scope eval` and train-step wrote into a run folder."""
     import polars as pl
 
-    from scope_cli.metrics import training_metrics
-    from scope_cli.runs import Run, run_command
+    from scope_cli.core.runs import training_metrics
+    from scope_cli.core.runs import Run, run_command
 
     root = Path(root)
     run = Run.open(root)

@@ -35,11 +35,13 @@ from typing import Any
 
 import torch
 
-from scope_cli.config import Config
+from scope_cli.core.config import Config
 from scope_cli.errors import ScopeError
-from scope_cli.models import build_arith_tokenizer, count_parameters, save_policy, tiny_config
+from scope_cli.models.tiny import build_arith_tokenizer, tiny_config
+from scope_cli.backends.hf import count_parameters
+from scope_cli.core.policy import save_policy
 from scope_cli.tasks import arith
-from scope_cli.training import make_optimizer, response_logits, set_threads, token_logprobs
+from scope_cli.backends.training import make_optimizer, response_logits, set_threads, token_logprobs
 
 
 class SftError(ScopeError):
@@ -92,7 +94,7 @@ def sft(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     from scope_cli.console import make_console
-    from scope_cli.models import quiet_transformers
+    from scope_cli.backends.hf import quiet_transformers
 
     console = make_console(stderr=True, quiet=quiet)
     s = cfg.sft

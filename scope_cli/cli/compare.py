@@ -64,7 +64,7 @@ def run_arms(name: str, algos: list[str], seeds: list[int], rounds: int, config:
 
     console = make_console(stderr=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SCOPE_RUNS_DIR": str(runs_dir)}
-    scope = [sys.executable, "-m", "scope_cli.app"]
+    scope = [sys.executable, "-m", "scope_cli.cli.app"]
     pending = []
     for seed in seeds:
         for algo in algos:
@@ -107,7 +107,7 @@ def read_curves(run_root: Path) -> list[dict[str, Any]]:
     """Every evaluated round of a run as rows {round, update, eval_set, metric, value}."""
     import polars as pl
 
-    from scope_cli.report import check_read
+    from scope_cli.cli.report import check_read
 
     rows = []
     for summary in sorted(run_root.glob("round-*/eval/summary.parquet")):

