@@ -269,21 +269,21 @@ def test_eval_shows_answers_done_per_set_and_mode(watched, tmp_path, monkeypatch
 
 
 def test_every_command_that_runs_a_model_sets_torch_threads(watched, tmp_path):
-    import torch
-
-    from scope_cli.cli.app import open_run
-
+    """In a fresh interpreter: an in-process vLLM CPU engine (opened by other tests in this process)
+    replaces torch.set_num_threads with a no-op, so the check cannot run here."""
     run = copy_of(watched, tmp_path)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        open_run(str(run.root), None, ["train.threads=1"], force=False)
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        open_run(str(run.root), None, ["train.threads=0"], force=False)  # 0: torch's own default
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    check = f"""
+import torch
+from scope_cli.cli.app import open_run
+torch.set_num_threads(2)
+open_run({str(run.root)!r}, None, ["train.threads=1"], force=False)
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+torch.set_num_threads(2)
+open_run({str(run.root)!r}, None, ["train.threads=0"], force=False)  # 0: torch's own default
+assert torch.get_num_threads() == 2, torch.get_num_threads()
+"""
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 # ---- config, dry run, version, flags ---------------------------------------------------------------------

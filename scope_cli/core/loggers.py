@@ -209,11 +209,12 @@ def _write_bytes_atomic(data: bytes, path: Path, temp_name: str) -> None:
     """Write under a temporary name that lacks "tfevents" (TensorBoard would read a half-written
     file), fsync, rename."""
     from scope_cli.errors import WriteError
-    from scope_cli.tempfiles import temp_prefix
+    from scope_cli.tempfiles import honour_umask, temp_prefix
 
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(temp_name), suffix=".tmp", dir=path.parent)
+        honour_umask(Path(tmp))  # mkstemp makes 0600; a run's files take the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
