@@ -287,7 +287,7 @@ def test_model_guide_prompts(tmp_path):
 
     cfg = Config()
     cfg.rectify.guide_path = str(SHIPPED_GUIDE)
-    guide = ModelGuide(cfg)
+    guide = ModelGuide(cfg.rectify, cfg.generate)
     row = arith_row(build_arith_tokenizer(), PROBLEM, WRONG_AT_1, 1)
     req = GuideRequest(row=row, kept_steps=["7+5=2"], kept_text="7+5=2;", prefix_text="7+5=2;", seed=11)
     assert guide.prompt(req) == "7+5-7\n7+5=2;"

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from scope_cli.errors import ScopeError
+from scope_cli.sections import GenerateConfig, PolicyConfig
 
 Progress = Callable[[int, int], None]  # (rows finished, tokens sampled) since the last call
 
@@ -172,9 +173,8 @@ def open_backend(name: str, policy_dir: Path, *, dtype: str = "float32", batch_s
 _MASK64 = (1 << 64) - 1
 
 
-def open_policy_engine(cfg: Any, policy_dir: Path) -> GenerationBackend:
+def open_policy_engine(g: GenerateConfig, p: PolicyConfig, policy_dir: Path) -> GenerationBackend:
     """The run's generation engine (config sections generate and policy) loaded with `policy_dir`."""
-    g, p = cfg.generate, cfg.policy
     return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
                         tensor_parallel_size=g.tensor_parallel_size,
                         gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,

@@ -37,7 +37,7 @@ class StageResources:
     def policy_engine(self, policy_dir: Path) -> GenerationBackend:
         """The generation engine with `policy_dir`'s weights: opened once, then reloaded in place."""
         if self._engine is None:
-            self._engine = open_policy_engine(self.cfg, policy_dir)
+            self._engine = open_policy_engine(self.cfg.generate, self.cfg.policy, policy_dir)
         elif Path(self._engine.policy).resolve() != Path(policy_dir).resolve():
             self._engine.reload(policy_dir)
         return self._engine
@@ -67,7 +67,9 @@ class StageResources:
         if self._guide is None:
             from scope_cli.backends.guide import ModelGuide, OracleGuide
 
-            self._guide = OracleGuide() if self.cfg.rectify.guide == "oracle" else ModelGuide(self.cfg)
+            c = self.cfg
+            self._guide = (OracleGuide() if c.rectify.guide == "oracle"
+                           else ModelGuide(c.rectify, c.generate, c.policy.trust_remote_code))
         return self._guide
 
     def close(self) -> None:
