@@ -94,7 +94,8 @@ def worker(kind: str, policy: Path, model_name: str) -> None:
 
     step = Lockstep()
     set_threads(1)
-    from scope_cli.backends.generation import HFBackend, Sampling, VLLMBackend
+    from scope_cli.backends.generation import HFBackend, Sampling
+    from scope_cli.backends.vllm import VLLMBackend
     from scope_cli.backends.hf import count_parameters
 
     n_prompts, n, max_tokens = WORKLOADS[model_name]

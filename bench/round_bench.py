@@ -90,9 +90,8 @@ def scope_worker(root: Path, sets: list[str]) -> None:
     """Rounds 1, 2, ... through the stage functions, as scope_cli.cli.rounds runs them in one process."""
     step = Lockstep()
     set_threads(1)
-    from scope_cli.backends.verifier import Verifier
-    from scope_cli.core.shards import read_stage
-    from scope_cli.backends.generation import open_policy_engine
+    from scope_cli.core.files import read_stage
+    from scope_cli.core.resources import StageResources
     from stages.generate import generate
     from stages.locate_error import locate_error
     from stages.prm_score import prm_score
@@ -102,22 +101,19 @@ def scope_worker(root: Path, sets: list[str]) -> None:
 
     run = open_bench_run(root, sets)
     cfg = run.config
-    engine = None
 
     def one_round(r: int) -> tuple[float, dict[str, float]]:
-        nonlocal engine
         clock = Clock()
-        if engine is None:
-            engine = open_policy_engine(cfg, run.input_policy(r))
-        generate(run, r, engine=engine, quiet=True)
+        res.policy_engine(run.input_policy(r))
+        generate(run, r, resources=res, quiet=True)
         clock.mark("generate")
-        verify(run, r, verifier=verifier, quiet=True)
+        verify(run, r, resources=res, quiet=True)
         clock.mark("verify")
-        prm_score(run, r, quiet=True)
+        prm_score(run, r, resources=res, quiet=True)
         clock.mark("prm-score")
         locate_error(run, r, quiet=True)
         clock.mark("locate-error")
-        rectify(run, r, quiet=True, verifier=verifier)
+        rectify(run, r, quiet=True, resources=res)
         clock.mark("rectify")
         train_step(run, r, quiet=True)
         clock.mark("train-step")
@@ -127,7 +123,7 @@ def scope_worker(root: Path, sets: list[str]) -> None:
         lengths = read_stage(run.stage_dir(r, "rollouts")).column("response_ids").to_pylist()
         return sum(len(x) for x in lengths)
 
-    with Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) as verifier:
+    with StageResources(cfg) as res:  # as `scope round` keeps them: one engine and pool for all rounds
         one_round(1)
         step.ready(tokens=tokens(1))
         r = 1
@@ -135,8 +131,6 @@ def scope_worker(root: Path, sets: list[str]) -> None:
             r += 1
             seconds, parts = one_round(r)
             step.done(seconds, tokens=tokens(r), round=r, parts=parts)
-        if engine is not None:
-            engine.close()
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -156,13 +150,15 @@ def loop_worker(root: Path, sets: list[str]) -> None:
     from scope_cli.backends.verifier import Verifier
     from scope_cli.backends.hf import load_policy
     from scope_cli.schema import RECTIFIED, ROLLOUTS
-    from scope_cli.core.shards import read_stage
+    from scope_cli.core.files import read_stage
     from scope_cli.backends.training import Dist, make_optimizer
     from stages.generate import rollout_rows, sampling_of, shard_groups
     from stages.locate_error import locate_table
     from stages.prm_score import score_table
-    from stages.rectify import rectify_rows, row_verifier
-    from stages.train_step import build_batch, fixed_logprobs, micro_batch_tokens, update
+    from scope_cli.backends.verifier import verify_rows
+    from scope_cli.core.train_batch import build_batch
+    from scope_cli.core.train_update import fixed_logprobs, micro_batch_tokens, update
+    from stages.rectify import rectify_rows
     from stages.verify import verify_table
 
     run = open_bench_run(root, sets)  # only for the prompt table and each round's slice
@@ -195,7 +191,8 @@ def loop_worker(root: Path, sets: list[str]) -> None:
             clock.mark("prm-score")
             table, _ = locate_table(table, cfg)
             clock.mark("locate-error")
-            rect, _ = rectify_rows(table.to_pylist(), cfg, r, tok, guide, row_verifier(verifier, cfg.verify))
+            rect, _ = rectify_rows(table.to_pylist(), cfg, r, tok, guide,
+                                   lambda new: verify_rows(verifier, new, cfg.verify))
             tables.append(pa.Table.from_pylist(rect, schema=RECTIFIED))
             clock.mark("rectify")
         batch = pa.concat_tables(tables)

@@ -48,7 +48,7 @@ def make_batch(root: Path) -> None:
     """Round 1 of the embedded default up to rectify, in this process."""
     from round_bench import open_bench_run
 
-    from scope_cli.backends.verifier import Verifier
+    from scope_cli.core.resources import StageResources
     from stages.generate import generate
     from stages.locate_error import locate_error
     from stages.prm_score import prm_score
@@ -56,12 +56,12 @@ def make_batch(root: Path) -> None:
     from stages.verify import verify
 
     run = open_bench_run(root, [])
-    with Verifier(workers=run.config.verify.workers, timeout=run.config.verify.timeout) as verifier:
-        generate(run, 1, quiet=True)
-        verify(run, 1, verifier=verifier, quiet=True)
-        prm_score(run, 1, quiet=True)
+    with StageResources(run.config) as res:
+        generate(run, 1, resources=res, quiet=True)
+        verify(run, 1, resources=res, quiet=True)
+        prm_score(run, 1, resources=res, quiet=True)
         locate_error(run, 1, quiet=True)
-        rectify(run, 1, quiet=True, verifier=verifier)
+        rectify(run, 1, quiet=True, resources=res)
 
 
 def padded_logprobs(model, rows, temperature: float, pad: int):
@@ -123,9 +123,10 @@ def worker(kind: str, root: Path) -> None:
 
     from scope_cli.backends.hf import load_policy
     from scope_cli.core.runs import Run
-    from scope_cli.core.shards import read_stage
+    from scope_cli.core.files import read_stage
     from scope_cli.backends.training import Dist, make_optimizer
-    from stages.train_step import NEEDED, build_batch, fixed_logprobs, micro_batch_tokens, update
+    from scope_cli.core.train_batch import NEEDED, build_batch
+    from scope_cli.core.train_update import fixed_logprobs, micro_batch_tokens, update
 
     run = Run.open(root)
     cfg = run.config

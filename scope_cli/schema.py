@@ -141,3 +141,25 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             arrays.append(pa.nulls(table.num_rows, fld.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+# eval's per-sample tables (round-R/eval/<set>-greedy.parquet, <set>-sampled.parquet)
+EVAL_SAMPLES = pa.schema([
+    ("eval_set", pa.string()),
+    ("mode", pa.string()),  # greedy | sampled
+    ("prompt_id", pa.string()),
+    ("sample_idx", pa.int32()),
+    ("task", pa.string()),
+    ("difficulty", pa.int32()),
+    ("problem", pa.string()),
+    ("answer", pa.string()),
+    ("response", pa.string()),
+    ("response_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("pred", pa.string()),
+    ("correct", pa.bool_()),
+    ("verify_status", pa.string()),
+    ("first_error_step", pa.int32()),  # 0-based; null: every step right, or no exact checker
+    ("canonical_solution", pa.string()),
+    ("policy", pa.string()),
+    ("seed", pa.int64()),
+])

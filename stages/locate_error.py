@@ -39,7 +39,8 @@ from scope_cli.backends.prm import first_error
 from scope_cli.core.config import config_hash
 from scope_cli.core.runs import Run
 from scope_cli.schema import LOCATED, SCORED, conform
-from scope_cli.core.shards import ShardJob, StageResult, complete_shards, read_shard, run_shards
+from scope_cli.core.shards import ShardJob, StageResult, complete_shards, run_shards
+from scope_cli.core.files import read_shard, shard_index
 
 CONFIG_KEYS = ["locate", "run.algo", "rectify.mode"]
 
@@ -120,7 +121,7 @@ def locate_error(run: Run, round_: int, *, force: bool = False, worker: tuple[in
     def compute(path: Path):
         return locate_table(read_shard(path, SCORED), cfg)
 
-    jobs = [ShardJob(int(f.name[6:11]), [f], (lambda f=f: compute(f))) for f in files]
+    jobs = [ShardJob(shard_index(f), [f], (lambda f=f: compute(f))) for f in files]
     return run_shards(
         "locate-error", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
         force=force, worker=worker, headline={"label": "salvaged", "num": "salvaged", "den": "failed"},

@@ -36,13 +36,12 @@ from scope_cli.core.runs import Run, check_round_size
 from scope_cli.core.policy import policy_complete
 from scope_cli.schema import PROMPTS, conform
 from scope_cli.core.manifests import json_object, problems, record_lists_problem, records
-from scope_cli.core.shards import (
-    ShardJob,
+from scope_cli.core.shards import ShardJob, is_done, run_shards
+from scope_cli.core.files import (
     check_inside_run,
-    is_done,
     list_shard_files,
     manifest_path,
-    run_shards,
+    shard_index,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -157,7 +156,7 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
                 for i, rows in enumerate(chunks)]
         for stale in prompt_files[len(chunks):]:
             stale.unlink()
-            manifest_path(run.prompts_dir, int(stale.name[6:11])).unlink(missing_ok=True)
+            manifest_path(run.prompts_dir, shard_index(stale)).unlink(missing_ok=True)
         # force only with --force: a prepare killed before its marker keeps the shards it finished
         run_shards("prepare", run.prompts_dir, jobs, cfg_hash, CONFIG_KEYS, run.root, force=force,
                    quiet=quiet)

@@ -35,17 +35,11 @@ import pyarrow as pa
 
 from scope_cli.backends.prm import PrmError, PrmItem, apply_noise, first_error, load_prm, processbench
 from scope_cli.core.config import config_hash
+from scope_cli.core.resources import StageResources, own_or_shared
 from scope_cli.core.runs import Run
 from scope_cli.schema import SCORED, VERIFIED, conform
-from scope_cli.core.shards import (
-    ShardJob,
-    StageResult,
-    complete_shards,
-    engine_versions,
-    read_shard,
-    run_shards,
-    write_json_atomic,
-)
+from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
+from scope_cli.core.files import read_shard, shard_index, write_json_atomic
 from scope_cli.backends.steps import align_steps, load_policy_tokenizer
 from scope_cli.tasks import get_task
 
@@ -113,43 +107,35 @@ def score_table(table: pa.Table, cfg: Any, tokenizer: Any, scorer: Any) -> tuple
 
 
 def prm_score(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
-              quiet: bool = False) -> StageResult:
+              quiet: bool = False, resources: StageResources | None = None) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "verified"), run.stage_dir(round_, "scored")
     files = complete_shards(src, run.command(f"verify --round {round_}"))
-    cache: dict[str, Any] = {}
+    tokenizer: list[Any] = []
 
-    def engines() -> tuple[Any, Any]:
-        if "scorer" not in cache:
-            cache["tokenizer"] = policy_tokenizer(run, round_)
-            cache["scorer"] = load_prm(cfg.prm)
-        return cache["tokenizer"], cache["scorer"]
-
-    def compute(path: Path):
+    def compute(res: StageResources, path: Path):
         table = read_shard(path, VERIFIED)
         if not uses_prm(cfg.run.algo):
             return score_table(table, cfg, None, None)
-        tokenizer, scorer = engines()
-        return score_table(table, cfg, tokenizer, scorer)
+        if not tokenizer:
+            tokenizer.append(policy_tokenizer(run, round_))
+        return score_table(table, cfg, tokenizer[0], res.prm())
 
-    jobs = [ShardJob(int(f.name[6:11]), [f], (lambda f=f: compute(f))) for f in files]
-    try:
+    with own_or_shared(cfg, resources) as res:
+        jobs = [ShardJob(shard_index(f), [f], (lambda f=f: compute(res, f))) for f in files]
         return run_shards(
             "prm-score", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
             engines=engine_versions("pyarrow", "torch", "transformers", "tokenizers", "vllm"),
             force=force, worker=worker,
             headline={"label": "error found", "num": "errors_found", "den": "scored"}, quiet=quiet,
         )
-    finally:
-        if getattr(cache.get("scorer"), "close", None):
-            cache["scorer"].close()  # free the PRM before the next stage loads its model
 
 
 def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
     """ProcessBench-style metrics of the configured PRM against the task's exact checker on every
     row of round-R/verified/; written to round-R/prm-eval-rule.json and returned."""
     from scope_cli.backends.prm import rule_scores
-    from scope_cli.core.shards import read_stage
+    from scope_cli.core.files import read_stage
 
     cfg = run.config
     table = read_stage(run.stage_dir(round_, "verified"), VERIFIED)

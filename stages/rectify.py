@@ -49,20 +49,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
-from scope_cli.backends.verifier import Verifier, check_responses, reward
+from scope_cli.backends.guide import GuideOutput, GuideRequest
+from scope_cli.backends.verifier import verify_rows
 from scope_cli.core.config import config_hash
+from scope_cli.core.resources import StageResources, own_or_shared
 from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import LOCATED, RECTIFIED
-from scope_cli.core.shards import (
-    ShardError,
-    ShardJob,
-    StageResult,
-    complete_shards,
-    engine_versions,
-    read_shard,
-    run_shards,
-)
+from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
+from scope_cli.core.files import ShardError, read_shard, shard_index
 from scope_cli.backends.steps import align_steps, decode, load_policy_tokenizer
 from scope_cli.tasks import get_task
 
@@ -128,30 +122,6 @@ def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, 
             "step_scores": None, "first_error_step": None, "salvage": False, "origin": origin,
             "in_batch": True, "parent_sample_idx": parent["sample_idx"],
             "offpolicy_start": offpolicy_start}
-
-
-def row_verifier(pool: Verifier, verify_cfg: Any):
-    """rows -> their verify columns (pred, correct, reward, verify_status), checked against each row's
-    answer as the verify stage does (math-verify in the verifier's worker pool with verify.extract;
-    choice rows by letter)."""
-
-    def check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        verdicts = check_responses(pool, [r["task"] for r in rows], [r["answer"] for r in rows],
-                                   [r["response"] for r in rows], verify_cfg.extract)
-        return [{"pred": v.pred, "correct": v.correct, "verify_status": v.status,
-                 "reward": reward(v, r["finish_reason"], verify_cfg.format_reward,
-                                  verify_cfg.truncation_penalty)}
-                for r, v in zip(rows, verdicts)]
-
-    return check
-
-
-def make_guide(cfg: Any) -> Any:
-    if cfg.rectify.guide == "oracle":
-        return OracleGuide()
-    from scope_cli.backends.guide import ModelGuide
-
-    return ModelGuide(cfg)
 
 
 def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: Any, guide: Any,
@@ -251,42 +221,31 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
 
 
 def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
-            quiet: bool = False, verifier: Verifier | None = None) -> StageResult:
-    """`verifier`: a math-verify pool to reuse (`scope round` keeps one per round); else one is
-    started when a shard has rows to re-verify, and closed at the end."""
+            quiet: bool = False, resources: StageResources | None = None) -> StageResult:
+    """The guide, the verifier pool and the policy's tokenizer are opened when a shard has rows to
+    salvage (`resources`: those `scope round` keeps open)."""
     cfg = run.config
     src, dst = run.stage_dir(round_, "located"), run.stage_dir(round_, "rectified")
     files = complete_shards(src, run.command(f"locate-error --round {round_}"))
-    cache: dict[str, Any] = {}
+    tokenizer: list[Any] = []
 
-    def engines() -> tuple[Any, Any, Any]:
-        if "tokenizer" not in cache:
-            cache["tokenizer"] = load_policy_tokenizer(run.input_policy(round_),
-                                                       cfg.policy.trust_remote_code)
-            cache["guide"] = make_guide(cfg) if cfg.run.algo == "scope" else None
-            if verifier is None:
-                cache["pool"] = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout)
-            cache["verifier"] = row_verifier(verifier or cache["pool"], cfg.verify)
-        return cache["tokenizer"], cache["guide"], cache["verifier"]
-
-    def compute(path: Path):
+    def compute(res: StageResources, path: Path):
         rows = read_shard(path, LOCATED).to_pylist()
         if cfg.run.algo == "grpo" or not any(r["salvage"] for r in rows):
             out, counts = rectify_rows(rows, cfg, round_, None, None, None)
         else:
-            out, counts = rectify_rows(rows, cfg, round_, *engines())
+            if not tokenizer:
+                tokenizer.append(load_policy_tokenizer(run.input_policy(round_), cfg.policy.trust_remote_code))
+            guide = res.guide() if cfg.run.algo == "scope" else None
+            out, counts = rectify_rows(rows, cfg, round_, tokenizer[0], guide,
+                                       lambda new: verify_rows(res.verifier(), new, cfg.verify))
         return pa.Table.from_pylist(out, schema=RECTIFIED), counts
 
-    jobs = [ShardJob(int(f.name[6:11]), [f], (lambda f=f: compute(f))) for f in files]
-    try:
+    with own_or_shared(cfg, resources) as res:
+        jobs = [ShardJob(shard_index(f), [f], (lambda f=f: compute(res, f))) for f in files]
         return run_shards(
             "rectify", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
             engines=engine_versions("pyarrow", "transformers", "tokenizers", "math-verify"),
             force=force, worker=worker,
             headline={"label": "rectified", "num": "rectified", "den": "salvaged"}, quiet=quiet,
         )
-    finally:
-        if "pool" in cache:
-            cache["pool"].close()
-        if getattr(cache.get("guide"), "close", None):
-            cache["guide"].close()

@@ -46,7 +46,6 @@ import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,40 +53,7 @@ import pyarrow as pa
 import torch
 
 from scope_cli import objectives as obj
-from scope_cli.core.config import config_hash
-from scope_cli.core.manifests import (
-    damaged,
-    manifest_files,
-    problem,
-    problems,
-    pruned,
-    read_manifest,
-    records,
-    repair_command,
-)
-from scope_cli.console import make_console, progress_bars
-from scope_cli.core.loggers import log_rounds
 from scope_cli.backends.hf import load_policy
-from scope_cli.core.policy import save_policy
-from scope_cli.core.policy import policy_problem, verify_policy
-from scope_cli.core.policy import POLICY_MARKER, policy_complete
-from scope_cli.core.runs import Run
-from scope_cli.schema import TRAIN_METRICS, conform
-from scope_cli.core.shards import (
-    check_inside_run,
-    complete_shards,
-    engine_versions,
-    list_shard_files,
-    manifest_path,
-    read_stage,
-    shard_lock,
-    write_json_atomic,
-    write_parquet_atomic,
-)
-from scope_cli.core.manifests import record as file_digest
-from scope_cli.tempfiles import remove_stale_temps
-from scope_cli.core.train_batch import NEEDED, build_batch
-from scope_cli.core.train_update import fixed_logprobs, micro_batch_tokens, resolve_mode, update
 from scope_cli.backends.training import (
     TrainError,
     close_dist,
@@ -101,67 +67,24 @@ from scope_cli.backends.training import (
     use_bf16,
     wrap_model,
 )
+from scope_cli.console import make_console, progress_bars
+from scope_cli.core.config import config_hash
+from scope_cli.core.files import check_inside_run, manifest_path, read_stage, write_parquet_atomic
+from scope_cli.core.loggers import log_rounds
+from scope_cli.core.manifests import record as file_digest
+from scope_cli.core.manifests import records
+from scope_cli.core.policy import POLICY_MARKER, save_weights
+from scope_cli.core.runs import Run
+from scope_cli.core.shards import complete_shards, engine_versions, shard_lock, write_manifest
+from scope_cli.core.train_batch import NEEDED, build_batch
+from scope_cli.core.train_files import check_inputs, is_done, stage_inputs
+from scope_cli.core.train_update import fixed_logprobs, micro_batch_tokens, resolve_mode, update
+from scope_cli.schema import TRAIN_METRICS, conform
+from scope_cli.tempfiles import remove_stale_temps
 
 CONFIG_KEYS = ["train", "generate.temperature", "generate.top_p", "generate.top_k",
                "generate.max_tokens", "generate.stop", "rectify.mode", "run.seed", "policy.dtype"]
 METRICS_FILE = "metrics.parquet"
-
-
-# ---- the stage ------------------------------------------------------------------------------------
-def stage_inputs(run: Run, round_: int) -> list[Path]:
-    files = list_shard_files(run.stage_dir(round_, "rectified"))
-    files.append(run.policy_dir(round_ - 1) / "scope-policy.json")
-    if round_ > 1:
-        state = run.train_dir(round_ - 1) / "state"
-        files += [state / "trainer.json", state / "optimizer.safetensors"]
-    return files
-
-
-def is_done(run: Run, round_: int, cfg_hash: str) -> bool:
-    """Policy complete, manifest whole with this config hash, every output (metrics, train state, the
-    policy's marker and files) the size and sha256 recorded, and the inputs unchanged. Damaged: not
-    done (rerunning recomputes it, to the same bytes on CPU)."""
-    train_dir = run.train_dir(round_)
-    if not policy_complete(run.policy_dir(round_)):
-        return False
-    m, _ = read_manifest(manifest_path(train_dir, 0))
-    if m is None or m["config_hash"] != cfg_hash or "policy_marker" not in m:
-        return False
-    files = [(p, r) for p, r in manifest_files(m, train_dir, run.root) if not pruned(p, run.root)]
-    if any(not p.is_file() or p.stat().st_size != r["size"] for p, r in files):
-        return False
-    # the previous policy and train state may since have been pruned (run.keep_policies /
-    # keep_state): a missing one still counts as matching; every input that exists must match
-    prunable = {str(p.relative_to(run.root)) for p in stage_inputs(run, round_)[-3:]
-                if not p.is_relative_to(run.stage_dir(round_, "rectified"))}
-    recorded = {x["path"]: (x["size"], x["sha256"]) for x in m.get("inputs", [])}
-    current = {}
-    for p in stage_inputs(run, round_):
-        name = str(p.relative_to(run.root))
-        if p.exists():
-            x = file_digest(p, run.root)
-            current[name] = (x["size"], x["sha256"])
-        elif name in prunable:
-            current[name] = recorded.get(name)
-    return (current == recorded and all(problem(p, r) is None for p, r in files)
-            and policy_problem(run.policy_dir(round_)) is None)
-
-
-def check_inputs(run: Run, round_: int, in_policy: Path) -> None:
-    """The input policy's files and the previous round's train state are what their manifests record
-    (a damaged one is named, with the command that writes it again)."""
-    verify_policy(in_policy, repair_command(in_policy.name, run.root))
-    if round_ < 2:
-        return
-    prev = run.train_dir(round_ - 1)
-    repair = run.command(f"train-step --round {round_ - 1}")
-    m, why = read_manifest(manifest_path(prev, 0))
-    if m is None:
-        raise TrainError(f"{manifest_path(prev, 0)}: {why}, so round {round_ - 1}'s train state is "
-                         f"not vouched for; run `{repair}`")
-    bad = problems([r for r in m.get("outputs", []) if r["path"].startswith("state/")], prev)
-    if bad:
-        raise TrainError(damaged(*bad[0], repair))
 
 
 def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
@@ -309,50 +232,21 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
             "world_size": d.world, "fsdp": t.fsdp})
         seconds = time.perf_counter() - start
         n_up = max(len(metrics), 1)
-        write_json_atomic({
-            "stage": "train-step", "shard": 0, "num_shards": 1,
-            "inputs": [file_digest(p, run.root) for p in inputs],
-            "output": file_digest(train_dir / METRICS_FILE, train_dir),
-            "outputs": state_records.result(),
-            "policy_marker": file_digest(out_policy / POLICY_MARKER, run.root),
-            "config_hash": cfg_hash, "config_keys": sorted(CONFIG_KEYS),
-            "engines": engine_versions("torch", "transformers"),
-            "rows": counts["rows_trained"], "seconds": round(seconds, 4),
-            "timings": {"prepare_seconds": round(prep_seconds, 4),
-                        "update_seconds": round(update_seconds, 4),
-                        "seconds_per_update": round(update_seconds / n_up, 4),
-                        "tokens_per_second": round(tokens / max(update_seconds, 1e-9), 1)},
-            "world_size": d.world, "fsdp": t.fsdp, "rank_tokens": rank_tokens, "policy": out_policy.name,
-            "summary": {**counts, "updates": len(metrics), "tokens": tokens,
-                        "offpolicy_tokens": sum(m["offpolicy_tokens"] for m in metrics)},
-            "headline": {"label": "offpolicy_frac", "num": "offpolicy_tokens", "den": "tokens"},
-        }, manifest_path(train_dir, 0))
+        write_manifest(
+            manifest_path(train_dir, 0), "train-step", [file_digest(p, run.root) for p in inputs],
+            file_digest(train_dir / METRICS_FILE, train_dir), cfg_hash, CONFIG_KEYS,
+            outputs=state_records.result(), engines=engine_versions("torch", "transformers"),
+            rows=counts["rows_trained"], seconds=seconds,
+            summary={**counts, "updates": len(metrics), "tokens": tokens,
+                     "offpolicy_tokens": sum(m["offpolicy_tokens"] for m in metrics)},
+            headline={"label": "offpolicy_frac", "num": "offpolicy_tokens", "den": "tokens"},
+            policy_marker=file_digest(out_policy / POLICY_MARKER, run.root), policy=out_policy.name,
+            timings={"prepare_seconds": round(prep_seconds, 4), "update_seconds": round(update_seconds, 4),
+                     "seconds_per_update": round(update_seconds / n_up, 4),
+                     "tokens_per_second": round(tokens / max(update_seconds, 1e-9), 1)},
+            world_size=d.world, fsdp=t.fsdp, rank_tokens=rank_tokens)
         console.print(f"train-step: round {round_}: {len(metrics)} updates, {tokens} tokens, "
                       f"{counts['dropped_groups']} groups dropped, {time.perf_counter() - start:.1f}s "
                       f"-> {out_policy}")
     close_dist(d)
     return {"skipped": False, "policy": str(out_policy), "updates": len(metrics), **counts}
-
-
-def save_weights(weights: dict[str, torch.Tensor], in_policy: Path, out: Path, tok, dtype_name: str,
-                 info: dict) -> None:
-    """Save gathered weights as a policy folder with the input policy's config, in `dtype_name`
-    (policy.dtype). The next round trains from these weights, so float32 (the default) keeps every
-    update: an lr-1e-6 step is far below bfloat16's resolution (~0.4% of a weight) and would be
-    rounded away on saving."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(in_policy)
-    dtype = getattr(torch, dtype_name)
-    config.dtype = dtype_name
-    with torch.device("meta"):
-        template = AutoModelForCausalLM.from_config(config)
-    template = template.to_empty(device="cpu").to(dtype)
-    missing, unexpected = template.load_state_dict(
-        {k: v.to(dtype) for k, v in weights.items()}, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise TrainError(f"{out}: gathered weights do not match {in_policy}'s config "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-    template.tie_weights()
-    save_policy(template, tok, out, info)

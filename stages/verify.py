@@ -20,70 +20,53 @@ Every answer goes through math-verify, the arithmetic task's ``\\boxed{N}`` too,
 verify.workers processes (scope_cli/backends/verifier.py), except the rows of a task with its own
 answer check: multiple-choice rows (task ``choice``: ARC-c, GPQA, MMLU-Pro) compare option letters
 (`task.check`), and a gold answer that is not a letter is an ``error`` row.
-`verify(run, R, verifier=v)` reuses a pool that `scope round` keeps for the whole round. Each shard's manifest counts rows per status
+`verify(run, R, resources=r)` reuses the pool that `scope round` keeps for all its rounds. Each shard's manifest counts rows per status
 and correct answers; `scope status` shows the accuracy and the timeouts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.verifier import STATUSES, Verifier, check_responses, reward
-from scope_cli.core.config import config_hash
+from scope_cli.backends.verifier import STATUSES, Verifier, verify_rows
+from scope_cli.core.config import Config, config_hash
+from scope_cli.core.resources import StageResources, own_or_shared
 from scope_cli.core.runs import Run
 from scope_cli.schema import ROLLOUTS, VERIFIED, conform
-from scope_cli.core.shards import (
-    ShardJob,
-    StageResult,
-    complete_shards,
-    engine_versions,
-    read_shard,
-    run_shards,
-)
+from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
+from scope_cli.core.files import read_shard, shard_index
 
 CONFIG_KEYS = ["verify"]  # timeout, extract, format_reward, truncation_penalty (workers: operational)
 
 
-def verify_table(table: pa.Table, verifier: Verifier, cfg: Any) -> tuple[pa.Table, dict[str, Any]]:
+def verify_table(table: pa.Table, verifier: Verifier, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
     """A rollouts table -> (the verified table, the shard's counters)."""
-    tasks = table.column("task").to_pylist()
-    responses = table.column("response").to_pylist()
-    answers = table.column("answer").to_pylist()
-    finish = table.column("finish_reason").to_pylist()
-    verdicts = check_responses(verifier, tasks, answers, responses, cfg.verify.extract)
-    preds = [v.pred for v in verdicts]
-    rewards = [reward(v, f, cfg.verify.format_reward, cfg.verify.truncation_penalty)
-               for v, f in zip(verdicts, finish)]
+    cols = verify_rows(verifier, table.select(["task", "answer", "response", "finish_reason"]).to_pylist(),
+                       cfg.verify)
     out = table
-    for name, values in (("pred", preds), ("correct", [v.correct for v in verdicts]),
-                         ("reward", rewards), ("verify_status", [v.status for v in verdicts])):
+    for name in ("pred", "correct", "reward", "verify_status"):
         if name in out.column_names:
             out = out.drop_columns([name])
-        out = out.append_column(name, pa.array(values, VERIFIED.field(name).type))
+        out = out.append_column(name, pa.array([c[name] for c in cols], VERIFIED.field(name).type))
     summary: dict[str, Any] = {s: 0 for s in STATUSES}
-    for v in verdicts:
-        summary[v.status] += 1
-    summary["correct"] = sum(v.correct for v in verdicts)
-    summary["truncated"] = sum(f == "length" for f in finish)
+    for c in cols:
+        summary[c["verify_status"]] += 1
+    summary["correct"] = sum(c["correct"] for c in cols)
+    summary["truncated"] = sum(f == "length" for f in table.column("finish_reason").to_pylist())
     return conform(out, VERIFIED), summary
 
 
 def verify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
-           quiet: bool = False, verifier: Verifier | None = None) -> StageResult:
+           quiet: bool = False, resources: StageResources | None = None) -> StageResult:
     cfg = run.config
     src, dst = run.stage_dir(round_, "rollouts"), run.stage_dir(round_, "verified")
     files = complete_shards(src, run.command(f"generate --round {round_}"))
-    own = verifier is None
-    pool = Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) if own else verifier
-
-    def compute(path: Path) -> tuple[pa.Table, dict[str, Any]]:
-        return verify_table(read_shard(path, ROLLOUTS), pool, cfg)
-
-    jobs = [ShardJob(int(f.name[6:11]), [f], (lambda f=f: compute(f))) for f in files]
-    try:
+    with own_or_shared(cfg, resources) as res:
+        jobs = [ShardJob(shard_index(f), [f], (lambda f=f: verify_table(read_shard(f, ROLLOUTS), res.verifier(),
+                                                                         cfg)))
+                for f in files]
         return run_shards(
             "verify", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
             engines=engine_versions("pyarrow", "math-verify", "sympy", "latex2sympy2_extended"),
@@ -91,6 +74,3 @@ def verify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int
             headline={"label": "acc", "num": "correct", "den": "rows", "show": ["timeout", "error"]},
             quiet=quiet,
         )
-    finally:
-        if own:
-            pool.close()

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import VERIFIED
-from scope_cli.core.shards import shard_path, write_parquet_atomic
+from scope_cli.core.files import shard_path, write_parquet_atomic
 from scope_cli.tasks import arith
 
 

@@ -60,15 +60,15 @@ def test_verify_stage_checks_choice_rows_by_letter():
 
 
 def test_eval_and_rectify_check_choice_rows_by_letter():
+    from scope_cli.backends.verifier import verify_rows
     from stages.eval import check
-    from stages.rectify import row_verifier
 
     rows = [{"task": "choice", "answer": "C", "response": "The answer is (C)", "problem": "q"},
             {"task": "choice", "answer": "C", "response": "The answer is (A)", "problem": "q"}]
     pool = RecordingVerifier()
-    checked = check([dict(r) for r in rows], pool)
+    checked = check([dict(r) for r in rows], pool, Config().verify)
     assert [(r["pred"], r["correct"], r["verify_status"]) for r in checked] == [
         ("C", True, "ok"), ("A", False, "ok")]
-    cols = row_verifier(pool, Config().verify)([{**r, "finish_reason": "stop"} for r in rows])
+    cols = verify_rows(pool, [{**r, "finish_reason": "stop"} for r in rows], Config().verify)
     assert [(c["pred"], c["correct"], c["reward"]) for c in cols] == [("C", True, 1.0), ("A", False, 0.0)]
     assert pool.seen == []

@@ -10,7 +10,7 @@ from scope_cli.models.tiny import init_tiny_policy
 from scope_cli.core.policy import copy_policy
 from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import EVAL_SUMMARY, TRAIN_METRICS, conform
-from scope_cli.core.shards import write_parquet_atomic
+from scope_cli.core.files import write_parquet_atomic
 from scope_cli.cli.status import headline, stage_summary
 from stages.eval import EVAL_SAMPLES, EVAL_SEED_ROUND, EvalError, evaluate, should_eval
 from stages.prepare import prepare

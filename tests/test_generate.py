@@ -23,7 +23,7 @@ from scope_cli.backends.generation import (
 )
 from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import ROLLOUTS
-from scope_cli.core.shards import list_shard_files, read_stage
+from scope_cli.core.files import list_shard_files, read_stage
 from scope_cli.backends.steps import decode
 
 SCOPE = str(Path(sys.executable).with_name("scope"))

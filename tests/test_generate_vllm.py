@@ -32,7 +32,7 @@ SCOPE = str(Path(sys.executable).with_name("scope"))
 
 @pytest.fixture(scope="module")
 def engine(fitted_policy):
-    from scope_cli.backends.generation import VLLMBackend
+    from scope_cli.backends.vllm import VLLMBackend
 
     backend = VLLMBackend(fitted_policy)
     yield backend
@@ -86,7 +86,7 @@ def test_stage_runs_on_vllm_identically_twice_then_verifies(tmp_path, engine, fi
     """generate with a live engine (it reloads policy-000's weights), then `scope generate` in a new
     process: identical files; then verify."""
     from scope_cli.core.runs import Run
-    from scope_cli.core.shards import list_shard_files, read_stage
+    from scope_cli.core.files import list_shard_files, read_stage
     from stages.generate import generate
     from stages.prepare import prepare
     from stages.verify import verify
@@ -101,7 +101,10 @@ def test_stage_runs_on_vllm_identically_twice_then_verifies(tmp_path, engine, fi
         return run
 
     live, fresh = make("live"), make("fresh")
-    assert generate(live, 1, engine=engine, quiet=True).computed == [0, 1]
+    from scope_cli.core.resources import StageResources
+
+    shared = StageResources(live.config, engine=engine)  # not closed here: the fixture owns the engine
+    assert generate(live, 1, resources=shared, quiet=True).computed == [0, 1]
     assert engine.policy == live.policy_dir(0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([SCOPE, "generate", "--run", str(fresh.root), "--round", "1", "--quiet"], env=env,

@@ -6,7 +6,7 @@ import pytest
 
 from scope_cli.core.config import Config
 from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
-from scope_cli.core.shards import read_stage_df
+from scope_cli.core.files import read_stage_df
 from scope_rows import (
     PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, group,
     make_run, write_verified,

@@ -14,7 +14,7 @@ from scope_cli.models.tiny import build_arith_tokenizer, tiny_config
 from scope_cli.core.policy import save_policy
 from scope_cli.core.runs import Run
 from scope_cli.schema import RECTIFIED, conform
-from scope_cli.core.shards import write_parquet_atomic
+from scope_cli.core.files import write_parquet_atomic
 from scope_cli.tasks import arith
 from train_helpers import assert_adam_updates_agree
 

@@ -19,7 +19,7 @@ from scope_cli.core.manifests import (
     repair_command,
     sha256_of,
 )
-from scope_cli.core.shards import ShardError, check_inside_run, write_json_atomic, write_parquet_atomic
+from scope_cli.core.files import ShardError, check_inside_run, write_json_atomic, write_parquet_atomic
 
 GOOD = {"output": {"path": "shard-00000.parquet", "size": 3, "sha256": "ab"}, "config_hash": "h",
         "num_shards": 2, "inputs": [], "outputs": []}

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
 from scope_cli.core.runs import Run
-from scope_cli.core.shards import read_stage
+from scope_cli.core.files import read_stage
 from stages.prepare import PrepareError, prepare, prompt_id
 
 

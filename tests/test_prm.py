@@ -14,7 +14,7 @@ from scope_cli.backends.prm import (
 from scope_cli.core.config import Config
 from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
 from scope_cli.models.prm_train import build_prm_tokenizer, init_tiny_prm, make_prm_module, tiny_prm_config
-from scope_cli.core.shards import read_stage_df
+from scope_cli.core.files import read_stage_df
 from scope_cli.tasks import arith, math
 from scope_rows import (
     NO_ANSWER, PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, group,

@@ -9,7 +9,7 @@ import pytest
 from scope_cli.core.config import Config
 from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
 from scope_cli.schema import RECTIFIED
-from scope_cli.core.shards import read_stage, read_stage_df
+from scope_cli.core.files import read_stage, read_stage_df
 from scope_cli.tasks import arith
 from scope_rows import (
     PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, arith_row, group,
@@ -287,7 +287,7 @@ def test_model_guide_prompts(tmp_path):
 
     cfg = Config()
     cfg.rectify.guide_path = str(SHIPPED_GUIDE)
-    guide = ModelGuide(cfg)
+    guide = ModelGuide(cfg.rectify, cfg.generate)
     row = arith_row(build_arith_tokenizer(), PROBLEM, WRONG_AT_1, 1)
     req = GuideRequest(row=row, kept_steps=["7+5=2"], kept_text="7+5=2;", prefix_text="7+5=2;", seed=11)
     assert guide.prompt(req) == "7+5-7\n7+5=2;"

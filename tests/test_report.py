@@ -7,7 +7,7 @@ from scope_cli.metrics import summary_table
 from scope_cli.cli.report import ReportError, load_run, report
 from scope_cli.core.runs import Run
 from scope_cli.schema import TRAIN_METRICS, conform
-from scope_cli.core.shards import write_parquet_atomic
+from scope_cli.core.files import write_parquet_atomic
 
 
 def fake_run(root, accs, updates_per_round, entropy0):

@@ -11,7 +11,7 @@ from scope_cli.cli.rounds import bring_to_round, policy_pruned, prune_checkpoint
 from scope_cli.core.runs import Run
 from scope_cli.core.policy import mark_policy_complete, policy_complete
 from scope_cli.core.manifests import record as file_digest
-from scope_cli.core.shards import manifest_path, write_json_atomic
+from scope_cli.core.files import manifest_path, write_json_atomic
 
 
 def fake_run(tmp_path, last: int, overrides: list[str], evaluated: tuple[int, ...] = ()) -> Run:

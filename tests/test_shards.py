@@ -11,19 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from scope_cli import schema
-from scope_cli.core.shards import (
+from scope_cli.core.shards import ShardJob, is_done, run_shards, shard_lock, worker_slot
+from scope_cli.core.files import (
     ShardError,
-    ShardJob,
-    is_done,
     list_shard_files,
     manifest_path,
     read_shard,
     read_stage,
     read_stage_df,
-    run_shards,
-    shard_lock,
     shard_path,
-    worker_slot,
     write_parquet_atomic,
 )
 from scope_cli.cli.status import headline, stage_summary

@@ -55,7 +55,7 @@ def round1(models, tmp_path_factory):
 
 
 def table(run, folder):
-    from scope_cli.core.shards import read_stage_df
+    from scope_cli.core.files import read_stage_df
 
     return read_stage_df(run.stage_dir(1, folder)).to_dicts()
 

@@ -371,7 +371,7 @@ def test_batch_trains_the_sampled_eos_and_old_runs_keep_the_tokenizers(table, tm
     existed reads without error and trains the tokenizer's eos after every finished row, as before."""
     import pyarrow.parquet as pq
 
-    from scope_cli.core.shards import read_stage
+    from scope_cli.core.files import read_stage
     from scope_cli.core.train_batch import NEEDED
 
     run, rows = table

@@ -135,7 +135,7 @@ def test_verify_table_columns_and_summary(pool):
 
 def test_verify_stage_writes_shards_and_status(tmp_path):
     from scope_cli.core.runs import Run
-    from scope_cli.core.shards import read_stage, write_parquet_atomic
+    from scope_cli.core.files import read_stage, write_parquet_atomic
     from stages.verify import verify
 
     run = Run.open(tmp_path / "run", overrides=["verify.timeout=2"], create=True)
@@ -198,7 +198,7 @@ def test_auto_extraction_through_the_verify_command(tmp_path):
 
     from scope_cli.cli.app import app
     from scope_cli.core.runs import Run
-    from scope_cli.core.shards import read_stage, write_parquet_atomic
+    from scope_cli.core.files import read_stage, write_parquet_atomic
 
     cases = free_form_cases()
     table = rollout_table([c["response"] for c in cases], [c["gold"] for c in cases], task="math")
@@ -247,9 +247,8 @@ def test_real_model_answers_in_both_modes(pool):
 
 
 def test_auto_in_eval_and_rectify_and_choice_rows_keep_their_letters(pool):
-    from scope_cli.backends.verifier import check_responses
+    from scope_cli.backends.verifier import check_responses, verify_rows
     from stages.eval import check
-    from stages.rectify import row_verifier
 
     golds, responses = ["29", "C", "7"], ["So there are 29 valid strings.", "The answer is (C).", "I give up."]
     tasks = ["math", "choice", "math"]
@@ -261,11 +260,11 @@ def test_auto_in_eval_and_rectify_and_choice_rows_keep_their_letters(pool):
         ("no_answer", False, None), ("ok", True, "C"), ("no_answer", False, None)]
     rows = [{"task": t, "answer": g, "response": r, "problem": "p", "finish_reason": "stop"}
             for t, g, r in zip(tasks, golds, responses)]
-    assert [r["correct"] for r in check([dict(r) for r in rows], pool, "auto")] == [True, True, False]
-    assert [r["correct"] for r in check([dict(r) for r in rows], pool)] == [False, True, False]
     cfg = Config()
+    assert [r["correct"] for r in check([dict(r) for r in rows], pool, cfg.verify)] == [False, True, False]
     cfg.verify.extract = "auto"
-    assert [c["pred"] for c in row_verifier(pool, cfg.verify)(rows)] == ["29", "C", None]
+    assert [r["correct"] for r in check([dict(r) for r in rows], pool, cfg.verify)] == [True, True, False]
+    assert [c["pred"] for c in verify_rows(pool, rows, cfg.verify)] == ["29", "C", None]
     with pytest.raises(ValueError, match="verify.extract must be one of boxed, auto"):
         check_responses(pool, tasks, golds, responses, "last-number")
 

@@ -17,7 +17,7 @@ from scope_cli.models.tiny import init_tiny_policy
 from scope_cli.backends.hf import load_policy
 from scope_cli.core.runs import Run
 from scope_cli.schema import RECTIFIED, conform
-from scope_cli.core.shards import write_parquet_atomic
+from scope_cli.core.files import write_parquet_atomic
 from scope_cli.tasks import arith
 from scope_cli.backends.training import response_logits, token_logprobs
 

@@ -35,7 +35,6 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from scope_cli.errors import ScopeError
+from scope_cli.sections import GenerateConfig, PolicyConfig
 
 Progress = Callable[[int, int], None]  # (rows finished, tokens sampled) since the last call
 
@@ -160,6 +160,8 @@ def open_backend(name: str, policy_dir: Path, *, dtype: str = "float32", batch_s
     """A backend with `policy_dir`'s weights loaded (name: hf | vllm | auto)."""
     kind = resolve_backend(name)
     if kind == "vllm":
+        from scope_cli.backends.vllm import VLLMBackend
+
         return VLLMBackend(policy_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                            trust_remote_code=trust_remote_code)
@@ -171,9 +173,8 @@ def open_backend(name: str, policy_dir: Path, *, dtype: str = "float32", batch_s
 _MASK64 = (1 << 64) - 1
 
 
-def open_policy_engine(cfg: Any, policy_dir: Path) -> GenerationBackend:
+def open_policy_engine(g: GenerateConfig, p: PolicyConfig, policy_dir: Path) -> GenerationBackend:
     """The run's generation engine (config sections generate and policy) loaded with `policy_dir`."""
-    g, p = cfg.generate, cfg.policy
     return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
                         tensor_parallel_size=g.tensor_parallel_size,
                         gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
@@ -383,103 +384,3 @@ def _can_drop_rows(cache: Any) -> bool:
     other = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
     return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, other)
                for layer in cache.layers)
-
-
-# ---- vLLM ------------------------------------------------------------------------------------------
-def _repack_cpu_lm_head(worker: Any) -> None:
-    """Runs in vLLM's CPU worker after reload_weights. The CPU backend packs the output projection
-    for its GEMM kernel when the model loads; a checkpoint with tied embeddings has no lm_head
-    tensor, so reload_weights refreshes the embedding but leaves the packed copy of the old one.
-    Repack it from the (shared) weight."""
-    model = worker.model_runner.get_model()
-    head = getattr(model, "lm_head", None)
-    if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
-        head.quant_method.process_weights_after_loading(head)
-
-
-class VLLMBackend:
-    name = "vllm"
-
-    def __init__(self, policy_dir: Path, *, dtype: str = "float32", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, max_model_len: int = 0,
-                 trust_remote_code: bool = False):
-        import torch
-
-        self.on_cpu = not torch.cuda.is_available()
-        if self.on_cpu:
-            # in this process (no engine subprocess), no OpenMP thread pinning of the caller's process,
-            # one thread unless the user says otherwise; all must be set before vllm is imported
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from transformers import AutoTokenizer
-        from vllm import LLM
-
-        from scope_cli.backends.hf import quiet_transformers
-        from scope_cli.backends.hf import check_policy_folder
-
-        check_policy_folder(policy_dir)
-        quiet_transformers()
-        args: dict[str, Any] = dict(
-            model=str(policy_dir), tokenizer=str(policy_dir), seed=0, logprobs_mode="processed_logprobs",
-            trust_remote_code=trust_remote_code, max_model_len=max_model_len or None,
-        )
-        if self.on_cpu:
-            kv_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
-            args.update(dtype="float32", distributed_executor_backend="uni", enforce_eager=True,
-                        kv_cache_memory_bytes=int(kv_gib * (1 << 30)))
-        else:
-            args.update(dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                        gpu_memory_utilization=gpu_memory_utilization)
-        self.llm = LLM(**args)
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
-        self.policy = Path(policy_dir)
-        self.eos = eos_token_ids(policy_dir, self.tokenizer)
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-
-    def reload(self, policy_dir: Path) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(policy_dir)})
-        if self.on_cpu:
-            self.llm.collective_rpc(_repack_cpu_lm_head)
-        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
-        self.policy = Path(policy_dir)
-
-    def close(self) -> None:
-        import gc
-
-        self.llm = None
-        gc.collect()
-
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
-                 progress: Progress | None = None) -> list[Completion]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if len(prompts) != len(seeds):
-            raise GenerationError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        longest = max((len(p) for p in prompts), default=0)
-        if longest >= self.max_model_len:
-            raise GenerationError(f"a prompt of {longest} tokens leaves no room under the model's "
-                                  f"length limit of {self.max_model_len} (generate.max_model_len)")
-        params = [SamplingParams(
-            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
-            max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-            include_stop_str_in_output=True, logprobs=0, seed=int(seed),
-            detokenize=bool(sampling.stop),  # stop strings need vLLM's text; else the text is decoded below
-        ) for seed in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                 use_tqdm=False)
-        results = []
-        for out in outs:
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)]
-            stop_id = None
-            if c.finish_reason == "stop" and ids and ids[-1] in self.eos:
-                stop_id, ids, lps = ids[-1], ids[:-1], lps[:-1]
-            if c.finish_reason not in ("stop", "length"):
-                raise GenerationError(f"vllm ended a request with finish_reason={c.finish_reason!r}")
-            results.append(Completion(ids, lps, c.finish_reason, decode(self.tokenizer, ids), stop_id))
-        if progress is not None:
-            progress(len(results), sum(len(r.response_ids) for r in results))
-        return results

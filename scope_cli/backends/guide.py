@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scope_cli.errors import ScopeError
+from scope_cli.sections import GenerateConfig, RectifyConfig
 from scope_cli.tasks import get_task, prompt_text
 
 
@@ -92,21 +93,21 @@ def guide_prompt(row: dict[str, Any], tokenizer: Any, sees_reference: bool) -> s
 class ModelGuide:
     """An LM guide (rectify.guide_path) sampled through the generation backend (generate.backend)."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, r: RectifyConfig, g: GenerateConfig, trust_remote_code: bool = False):
+        """The guide of `r` (rectify.guide_path, its sampling and tries) on the engine `g` names
+        (generate.backend, dtype, batch size, memory, length limit)."""
         from pathlib import Path
 
         from scope_cli.backends.generation import Sampling, open_backend
 
         self.backend = open_backend(
-            cfg.generate.backend, Path(cfg.rectify.guide_path), dtype=cfg.generate.dtype,
-            batch_size=cfg.generate.batch_size, tensor_parallel_size=cfg.rectify.guide_tensor_parallel_size,
-            gpu_memory_utilization=cfg.generate.gpu_memory_utilization,
-            max_model_len=cfg.generate.max_model_len, trust_remote_code=cfg.policy.trust_remote_code)
-        self.sampling = Sampling(temperature=cfg.rectify.guide_temperature,
-                                 max_tokens=cfg.rectify.max_tokens)
-        self.sees_reference = cfg.rectify.guide_sees_reference
-        self.max_tries = cfg.rectify.max_tries
-        self.folder = Path(cfg.rectify.guide_path).resolve().name
+            g.backend, Path(r.guide_path), dtype=g.dtype, batch_size=g.batch_size,
+            tensor_parallel_size=r.guide_tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization,
+            max_model_len=g.max_model_len, trust_remote_code=trust_remote_code)
+        self.sampling = Sampling(temperature=r.guide_temperature, max_tokens=r.max_tokens)
+        self.sees_reference = r.guide_sees_reference
+        self.max_tries = r.max_tries
+        self.folder = Path(r.guide_path).resolve().name
 
     def name(self, row: dict[str, Any]) -> str:
         """What a rectified row's `policy` column says wrote its continuation: the guide's folder."""

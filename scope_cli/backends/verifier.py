@@ -48,6 +48,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any
 
+from scope_cli.sections import VerifyConfig
+
 STATUSES = ("ok", "no_answer", "timeout", "error")
 EXTRACT_MODES = ("boxed", "auto")
 _SOFT_FRACTION = 0.8  # the worker's own alarm fires at this fraction of the hard limit
@@ -288,3 +290,16 @@ def check_responses(verifier: Verifier, tasks: Sequence[str], golds: Sequence[st
         for i, verdict in zip(auto, verifier.check([(golds[i], texts[i]) for i in auto], extract="auto")):
             results[i] = verdict
     return results  # type: ignore[return-value]  (every slot is filled above)
+
+
+def verify_rows(verifier: Verifier, rows: Sequence[dict[str, Any]], cfg: VerifyConfig) -> list[dict[str, Any]]:
+    """The verify stage's columns for rows with task, answer, response and finish_reason: `pred`,
+    `correct`, `verify_status` (math-verify with verify.extract, or the task's own check: choice
+    letters) and `reward` (1 for a right answer, verify.format_reward without one, minus
+    verify.truncation_penalty when cut at the length limit). The one answer check of verify, rectify's
+    re-verification of new rows and eval."""
+    verdicts = check_responses(verifier, [r["task"] for r in rows], [r["answer"] for r in rows],
+                               [r["response"] for r in rows], cfg.extract)
+    return [{"pred": v.pred, "correct": v.correct, "verify_status": v.status,
+             "reward": reward(v, r.get("finish_reason"), cfg.format_reward, cfg.truncation_penalty)}
+            for r, v in zip(rows, verdicts)]

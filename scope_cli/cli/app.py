@@ -471,7 +471,7 @@ def compare(
 
     from scope_cli.cli import compare as cmp
     from scope_cli.console import make_console
-    from scope_cli.core.shards import write_parquet_atomic, write_text_atomic
+    from scope_cli.core.files import write_parquet_atomic, write_text_atomic
 
     arms = [a.strip() for a in algos.split(",") if a.strip()]
     bad = [a for a in arms if a not in ("grpo", "luffy", "scope")]

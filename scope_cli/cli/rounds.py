@@ -54,7 +54,7 @@ def eval_done(run: Run, round_: int) -> bool:
 def train_done(run: Run, round_: int) -> bool:
     """Round R's train-step finished (policy complete, its manifest written last): the stages before
     it have nothing left to do for the round."""
-    from scope_cli.core.shards import manifest_path
+    from scope_cli.core.files import manifest_path
 
     return policy_complete(run.policy_dir(round_)) and manifest_path(run.train_dir(round_), 0).exists()
 
@@ -62,7 +62,7 @@ def train_done(run: Run, round_: int) -> bool:
 def policy_pruned(run: Run, round_: int) -> bool:
     """policy-R was removed by checkpoint retention: round R's train-step finished (its manifest is
     written after the policy) and a later policy is complete (retention keeps the newest)."""
-    from scope_cli.core.shards import manifest_path
+    from scope_cli.core.files import manifest_path
 
     last = run.last_policy_round()
     return (last is not None and last > round_ and not policy_complete(run.policy_dir(round_))
@@ -73,7 +73,7 @@ def round_done(run: Run, round_: int, target: int) -> bool:
     """Finished: its policy is complete, its train-step manifest (written last) exists and, where this
     round is evaluated, its eval summary exists; or its policy was removed by checkpoint retention
     after the round finished."""
-    from scope_cli.core.shards import manifest_path
+    from scope_cli.core.files import manifest_path
     from stages.eval import should_eval
 
     if round_ > 0 and not policy_complete(run.policy_dir(round_)):
@@ -124,8 +124,7 @@ def bring_to_round(run: Run, target: int, *, quiet: bool = False, isolate: bool 
 
 
 def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) -> None:
-    from scope_cli.backends.verifier import Verifier
-    from scope_cli.backends.generation import open_policy_engine
+    from scope_cli.core.resources import StageResources
     from stages.eval import evaluate, should_eval
     from stages.generate import generate
     from stages.locate_error import locate_error
@@ -135,28 +134,19 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
     from stages.verify import verify
 
     cfg = run.config
-    engine: Any = None
-    with Verifier(workers=cfg.verify.workers, timeout=cfg.verify.timeout) as verifier:
-        try:
-            for r in rounds:
-                if r > 0 and not train_done(run, r):  # (a round left with only its eval to do)
-                    if engine is None:
-                        engine = open_policy_engine(cfg, run.input_policy(r))
-                    _all_done(run, r, "generate", generate(run, r, engine=engine, quiet=quiet))
-                    _all_done(run, r, "verify", verify(run, r, verifier=verifier, quiet=quiet))
-                    _all_done(run, r, "prm-score", prm_score(run, r, quiet=quiet))
-                    _all_done(run, r, "locate-error", locate_error(run, r, quiet=quiet))
-                    _all_done(run, r, "rectify", rectify(run, r, quiet=quiet, verifier=verifier))
-                    train_step(run, r, quiet=quiet)
-                if should_eval(cfg, r, target) and not eval_done(run, r):
-                    if engine is None:
-                        engine = open_policy_engine(cfg, run.policy_dir(r))
-                    result = evaluate(run, r, engine=engine, verifier=verifier, quiet=quiet)
-                    _all_done(run, r, "eval", result["summary"] is not None)
-                prune_checkpoints(run, target)
-        finally:
-            if engine is not None:
-                engine.close()
+    with StageResources(cfg) as res:  # the engine, verifier pool, PRM and guide, for all rounds
+        for r in rounds:
+            if r > 0 and not train_done(run, r):  # (a round left with only its eval to do)
+                _all_done(run, r, "generate", generate(run, r, resources=res, quiet=quiet))
+                _all_done(run, r, "verify", verify(run, r, resources=res, quiet=quiet))
+                _all_done(run, r, "prm-score", prm_score(run, r, resources=res, quiet=quiet))
+                _all_done(run, r, "locate-error", locate_error(run, r, quiet=quiet))
+                _all_done(run, r, "rectify", rectify(run, r, resources=res, quiet=quiet))
+                train_step(run, r, quiet=quiet)
+            if should_eval(cfg, r, target) and not eval_done(run, r):
+                result = evaluate(run, r, resources=res, quiet=quiet)
+                _all_done(run, r, "eval", result["summary"] is not None)
+            prune_checkpoints(run, target)
 
 
 def _all_done(run: Run, r: int, stage: str, result: Any) -> None:
@@ -262,7 +252,8 @@ def dry_run(run: Run, target: int) -> list[tuple[int, str, str]]:
     no model). train-step counts as done when its policy and manifest exist and nothing before it
     would run."""
     from scope_cli.core.config import config_hash
-    from scope_cli.core.shards import ShardError, complete_shards, is_done
+    from scope_cli.core.shards import complete_shards, is_done
+    from scope_cli.core.files import ShardError
     from stages import eval as eval_stage
     from stages import generate, locate_error, prm_score, rectify, verify
 

@@ -168,7 +168,7 @@ def log_rounds(run: Any, rounds: list[int] | None = None) -> list[str]:
 
 def write_tensorboard(folder: Path, points: list[Points]) -> list[str]:
     from scope_cli.tempfiles import remove_stale_temps
-    from scope_cli.core.shards import write_json_atomic
+    from scope_cli.core.files import write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
@@ -237,7 +237,7 @@ def _read_ledger(path: Path) -> dict[str, str]:
 
 def log_wandb(run: Any, points: list[Points]) -> list[str]:
     """Send the (round, kind)s not sent before to the run's wandb run, then record them."""
-    from scope_cli.core.shards import write_json_atomic
+    from scope_cli.core.files import write_json_atomic
 
     ledger_path = run.root / "wandb" / WANDB_LEDGER
     ledger = _read_ledger(ledger_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from scope_cli.backends.hf import ALLOWED_SUFFIXES, PolicyError, check_policy_folder, quiet_transformers
 from scope_cli.core.manifests import damaged, policy_digests, problems, record_lists_problem
@@ -25,7 +26,7 @@ def policy_complete(path: Path) -> bool:
 
 
 def mark_policy_complete(path: Path, info: dict) -> None:
-    from scope_cli.core.shards import write_text_atomic
+    from scope_cli.core.files import write_text_atomic
 
     write_text_atomic(json.dumps(info, indent=1, sort_keys=True) + "\n", Path(path) / POLICY_MARKER)
 
@@ -130,3 +131,28 @@ def policy_info(path: str | Path) -> dict:
     """The marker's contents (what wrote the policy, its hash, training notes)."""
     return read_json_object(Path(path) / POLICY_MARKER, fix="the policy folder is damaged: rerun the "
                             "command that wrote it")
+
+
+def save_weights(weights: dict[str, Any], in_policy: Path, out: Path, tok, dtype_name: str,
+                 info: dict) -> None:
+    """Save gathered weights as a policy folder with the input policy's config, in `dtype_name`
+    (policy.dtype). The next round trains from these weights, so float32 (the default) keeps every
+    update: an lr-1e-6 step is far below bfloat16's resolution (~0.4% of a weight) and would be
+    rounded away on saving."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(in_policy)
+    dtype = getattr(torch, dtype_name)
+    config.dtype = dtype_name
+    with torch.device("meta"):
+        template = AutoModelForCausalLM.from_config(config)
+    template = template.to_empty(device="cpu").to(dtype)
+    missing, unexpected = template.load_state_dict(
+        {k: v.to(dtype) for k, v in weights.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise PolicyError(f"{out}: gathered weights do not match {in_policy}'s config "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    template.tie_weights()
+    save_policy(template, tok, out, info)

@@ -87,7 +87,7 @@ class Run:
     ) -> "Run":
         """Open (or create) a run. An existing run's config is the base; a `--config`/`--set` that
         changes a key is refused, naming the keys, unless `force`, which records the new config."""
-        from scope_cli.core.shards import write_text_atomic  # (pyarrow: not needed by `scope status`)
+        from scope_cli.core.files import write_text_atomic
 
         root = Path(root)
         stored = root / "config.toml"
@@ -166,7 +166,7 @@ class Run:
         """All training prompt ids, sorted (the order slices are drawn from)."""
         import pyarrow.parquet as pq
 
-        from scope_cli.core.shards import ShardError, list_shard_files
+        from scope_cli.core.files import ShardError, list_shard_files
 
         files = list_shard_files(self.prompts_dir)
         if not files:
@@ -239,7 +239,7 @@ def training_metrics(run: Any, round_: int) -> dict[str, float]:
     groups, and the mean entropy, ratio and clip fraction over the round's updates."""
     import polars as pl
 
-    from scope_cli.core.shards import list_shard_files
+    from scope_cli.core.files import list_shard_files
 
     def scan(folder: str, columns: list[str]) -> pl.DataFrame | None:
         files = list_shard_files(run.stage_dir(round_, folder))

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,152 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from scope_cli import __version__
-from scope_cli.errors import ScopeError, env_int, write_failure
-from scope_cli.core.manifests import damaged, problem, read_manifest, remember
+from scope_cli.core.files import (
+    ShardError,
+    check_inside_run,
+    list_shard_files,
+    manifest_path,
+    shard_index,
+    shard_name,
+    shard_path,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from scope_cli.core.manifests import damaged, problem, read_manifest
 from scope_cli.core.manifests import record as file_digest
-from scope_cli.schema import OPTIONAL_COLUMNS, STAGE_OUTPUTS
-from scope_cli.tempfiles import honour_umask, remove_path, remove_stale_temps, temp_prefix
-
-
-class ShardError(ScopeError):
-    """A bad or missing shard: the message is one line naming the file and what was expected."""
-
-
-# ---- names -----------------------------------------------------------------------------------------
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
-
-
-def shard_path(stage_dir: Path, index: int) -> Path:
-    return Path(stage_dir) / shard_name(index)
-
-
-def manifest_path(stage_dir: Path, index: int) -> Path:
-    return Path(stage_dir) / "_manifest" / f"shard-{index:05d}.json"
-
-
-def list_shard_files(stage_dir: Path) -> list[Path]:
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
-        return []
-    return sorted(p for p in stage_dir.glob("shard-*.parquet") if p.name[6:11].isdigit())
-
-
-# ---- folders ---------------------------------------------------------------------------------------
-def check_inside_run(folder: Path, root: Path) -> None:
-    """Refuse a folder of the run that is reached through a symbolic link: writing there (and removing
-    stray shards there) would act on files outside the run, or on another stage's."""
-    folder, root = Path(folder), Path(root)
-    if not folder.is_relative_to(root):
-        return  # a path given explicitly (eval --out DIR)
-    want = root.resolve() / folder.relative_to(root)
-    if folder.resolve() != want:
-        raise ShardError(f"{folder}: leads to {folder.resolve()} through a symbolic link; a run's folders "
-                         "must be real folders inside it (remove the link and rerun)")
-
-
-# ---- atomic writes ---------------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path = Path(path)
-    tmp_path = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        honour_umask(tmp_path)
-        write(tmp_path)
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        remember(tmp_path)  # hashed once, while in the page cache; the rename keeps its inode
-        os.replace(tmp_path, path)
-    except BaseException as exc:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-        failure = write_failure(exc, path)
-        if failure is exc:
-            raise
-        raise failure from exc
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write deterministically (no timestamps in the file) to a temp name, then rename."""
-    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=True))
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-# ---- reading -----------------------------------------------------------------------------------------
-def read_shard(path: Path, required: pa.Schema | None = None) -> pa.Table:
-    """Read one shard; with `required`, check that every column exists with a compatible type."""
-    path = Path(path)
-    if not path.exists():
-        raise ShardError(f"{path}: shard does not exist")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ShardError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    if required is not None:
-        check_columns(table, path, required)
-    return table
-
-
-def _writer_of(column: str) -> str:
-    """The earliest stage whose output has `column` (STAGE_OUTPUTS is in pipeline order)."""
-    for schema, stage in STAGE_OUTPUTS.values():
-        if column in schema.names:
-            return stage
-    return "an earlier stage"
-
-
-def check_columns(table: pa.Table, path: Path, required: pa.Schema) -> None:
-    """Every column of `required` present with a castable type; a missing OPTIONAL_COLUMNS column (a
-    shard written before it existed) is allowed."""
-    missing = [f.name for f in required
-               if f.name not in table.column_names and f.name not in OPTIONAL_COLUMNS]
-    if missing:
-        writers = sorted({_writer_of(c) for c in missing})
-        raise ShardError(
-            f"{path}: missing columns {', '.join(missing)} (written by {', '.join(writers)})"
-        )
-    for fld in required:
-        if fld.name not in table.column_names:
-            continue
-        got = table.schema.field(fld.name).type
-        if got != fld.type and not _castable(got, fld.type):
-            raise ShardError(f"{path}: column {fld.name} has type {got}, expected {fld.type}")
-
-
-def _castable(got: pa.DataType, want: pa.DataType) -> bool:
-    if pa.types.is_null(got):
-        return True
-    numeric = (pa.types.is_integer, pa.types.is_floating)
-    if any(t(got) for t in numeric) and any(t(want) for t in numeric):
-        return True
-    if pa.types.is_large_string(got) and pa.types.is_string(want):
-        return True
-    if (pa.types.is_list(got) or pa.types.is_large_list(got)) and pa.types.is_list(want):
-        return _castable(got.value_type, want.value_type)
-    return False
-
-
-def read_stage(stage_dir: Path, required: pa.Schema | None = None) -> pa.Table:
-    """All shards of a stage folder as one Arrow table (in shard order)."""
-    files = list_shard_files(stage_dir)
-    if not files:
-        raise ShardError(f"{stage_dir}: no shards (has the stage that writes it run?)")
-    tables = [read_shard(p, required) for p in files]
-    return pa.concat_tables(tables, promote_options="default")
+from scope_cli.errors import env_int
+from scope_cli.tempfiles import remove_path, remove_stale_temps
 
 
 def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
@@ -198,8 +67,8 @@ def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
             raise ShardError(f"{stage_dir}: no shards (run `{writer}` first)")
         return files
     counts, done, bad = set(), [], []
-    for index in sorted({int(p.name[6:11]) for p in files} | {
-            int(p.name[6:11]) for p in man_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")}):
+    for index in sorted({shard_index(p) for p in files} | {
+            shard_index(p) for p in man_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")}):
         out, man = shard_path(stage_dir, index), manifest_path(stage_dir, index)
         if not out.exists() or not man.exists():
             continue
@@ -223,7 +92,7 @@ def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
                          f"rerun `{writer}`")
     (num,) = counts
     missing = [i for i in range(num) if i not in done]
-    extra = [p.name for p in files if int(p.name[6:11]) >= num]
+    extra = [p.name for p in files if shard_index(p) >= num]
     if missing:
         shown = ", ".join(shard_name(i) for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ShardError(f"{stage_dir}: {num - len(missing)} of {num} shards finished (missing or "
@@ -232,17 +101,6 @@ def complete_shards(stage_dir: Path, writer: str) -> list[Path]:
         raise ShardError(f"{stage_dir}: {', '.join(extra[:3])} beyond the stage's {num} shards "
                          f"(left by an earlier config?); rerun `{writer}`")
     return [shard_path(stage_dir, i) for i in range(num)]
-
-
-def read_stage_df(stage_dir: Path, lazy: bool = False):  # -> polars DataFrame | LazyFrame
-    """A whole stage as one polars DataFrame (or LazyFrame) — what users inspect."""
-    import polars as pl
-
-    files = list_shard_files(stage_dir)
-    if not files:
-        raise ShardError(f"{stage_dir}: no shards (has the stage that writes it run?)")
-    frame = pl.scan_parquet([str(p) for p in files])
-    return frame if lazy else frame.collect()
 
 
 # ---- locks and workers ---------------------------------------------------------------------------
@@ -330,6 +188,26 @@ def is_done(stage_dir: Path, index: int, inputs: list[Path], cfg_hash: str, root
     return recorded == current and all(problem(p, r) is None for p, r in files)
 
 
+def write_manifest(path: Path, stage: str, inputs: list[dict[str, Any]], output: dict[str, Any],
+                   cfg_hash: str, config_keys: list[str], *, shard: int = 0, num_shards: int = 1,
+                   outputs: list[dict[str, Any]] = (), engines: dict[str, str] | None = None,
+                   rows: int | None = None, seconds: float | None = None,
+                   summary: dict[str, Any] | None = None, headline: dict[str, Any] | None = None,
+                   **extra: Any) -> None:
+    """A stage's manifest, written last (atomically): what its shard was made from (inputs with size
+    and sha256, the config hash and keys), what it wrote (output and the files beside it, with size and
+    sha256), engine and code versions, rows, seconds and the stage's counters; `extra` for what a stage
+    adds (train-step: the policy's marker, timings, world size). The one manifest format: every
+    stage, train-step and eval's summary write it here, and `read_manifest` reads it."""
+    write_json_atomic({
+        "stage": stage, "shard": shard, "num_shards": num_shards, "inputs": inputs, "output": output,
+        "outputs": list(outputs), "config_hash": cfg_hash, "config_keys": sorted(config_keys),
+        "engines": engines or {}, "code_version": __version__, "rows": rows,
+        "seconds": None if seconds is None else round(seconds, 4), "summary": summary or {},
+        "headline": headline or {}, **extra,
+    }, path)
+
+
 def engine_versions(*names: str) -> dict[str, str]:
     out = {"python": platform.python_version()}
     out.update((name, v) for name in names if (v := _package_version(name)) is not None)
@@ -397,8 +275,8 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
     # shards that no job writes any more (a changed config cut the stage into fewer shards)
     wanted = {j.index for j in jobs}
     for old in list_shard_files(stage_dir):
-        if int(old.name[6:11]) not in wanted:
-            manifest_path(stage_dir, int(old.name[6:11])).unlink(missing_ok=True)
+        if shard_index(old) not in wanted:
+            manifest_path(stage_dir, shard_index(old)).unlink(missing_ok=True)
             old.unlink(missing_ok=True)
     result = StageResult()
     index, count = worker
@@ -436,23 +314,11 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
             seconds = time.perf_counter() - start
             out = shard_path(stage_dir, job.index)
             write_parquet_atomic(table, out)
-            manifest = {
-                "stage": stage,
-                "shard": job.index,
-                "num_shards": len(jobs),
-                "inputs": inputs,
-                "output": file_digest(out, stage_dir),
-                "outputs": [file_digest(p, stage_dir) for p in job.outputs],
-                "config_hash": cfg_hash,
-                "config_keys": sorted(config_keys),
-                "engines": engines or engine_versions("pyarrow"),
-                "code_version": __version__,
-                "rows": table.num_rows,
-                "seconds": round(seconds, 4),
-                "summary": summary,
-                "headline": headline or {},
-            }
-            write_json_atomic(manifest, manifest_path(stage_dir, job.index))
+            write_manifest(manifest_path(stage_dir, job.index), stage, inputs, file_digest(out, stage_dir),
+                           cfg_hash, config_keys, shard=job.index, num_shards=len(jobs),
+                           outputs=[file_digest(p, stage_dir) for p in job.outputs],
+                           engines=engines or engine_versions("pyarrow"), rows=table.num_rows,
+                           seconds=seconds, summary=summary, headline=headline or {})
             result.computed.append(job.index)
             console.print(f"{stage}: {where}: shard {job.index} ({table.num_rows} rows, {seconds:.1f}s)")
             bars.advance(task)

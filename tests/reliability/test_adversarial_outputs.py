@@ -25,7 +25,7 @@ from scope_cli.core.config import Config
 from scope_cli.models.tiny import build_arith_tokenizer
 from scope_cli.core.runs import Run
 from scope_cli.schema import ROLLOUTS, conform
-from scope_cli.core.shards import read_stage, shard_path, write_parquet_atomic
+from scope_cli.core.files import read_stage, shard_path, write_parquet_atomic
 from scope_cli.backends.steps import align_steps
 from scope_cli.tasks import arith, math
 

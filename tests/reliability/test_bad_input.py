@@ -24,13 +24,7 @@ from rel_helpers import POLICY, TINY, cli, copy_run, data_files, one_line_error
 
 from scope_cli.core.runs import Run
 from scope_cli.schema import VERIFIED
-from scope_cli.core.shards import (
-    list_shard_files,
-    manifest_path,
-    read_stage,
-    shard_path,
-    write_parquet_atomic,
-)
+from scope_cli.core.files import list_shard_files, manifest_path, read_stage, shard_path, write_parquet_atomic
 
 
 def snapshot(root) -> dict[str, str]:

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
 from scope_cli.core.runs import Run
-from scope_cli.core.shards import list_shard_files, manifest_path, shard_lock, shard_path
+from scope_cli.core.shards import shard_lock
+from scope_cli.core.files import list_shard_files, manifest_path, shard_path
 
 SHARD_LINE = re.compile(r"^(generate|verify|prm-score|locate-error|rectify|eval): round \d+: shard (\d+) \(", re.M)
 

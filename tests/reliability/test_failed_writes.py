@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
 from scope_cli.core.runs import Run
-from scope_cli.core.shards import list_shard_files, manifest_path
+from scope_cli.core.files import list_shard_files, manifest_path
 
 
 def cli(*args: str):

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
 from scope_cli.core.runs import Run
-from scope_cli.core.shards import list_shard_files
+from scope_cli.core.files import list_shard_files
 
 CODE_DIRS = ("scope_cli", "stages", "bench", "scripts")
 
@@ -253,7 +253,7 @@ def test_file_names_never_come_from_data(reference, tmp_path):
     import pyarrow as pa
 
     from scope_cli.schema import PROMPTS, conform
-    from scope_cli.core.shards import shard_path, write_parquet_atomic
+    from scope_cli.core.files import shard_path, write_parquet_atomic
 
     write_parquet_atomic(conform(pa.Table.from_pylist(prompts, schema=PROMPTS), PROMPTS),
                          shard_path(run.prompts_dir, 0))
