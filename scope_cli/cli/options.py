@@ -108,7 +108,8 @@ def peek_run(run: str, config: str | None, overrides: list[str] | None) -> Run:
     return Run(root, load_config(config, overrides, base=base) if config or overrides else base)
 
 
-def sharded_stage(runs_model: bool = True, extra: dict[str, tuple[Any, Any]] | None = None):
+def sharded_stage(runs_model: bool = True, extra: dict[str, tuple[Any, Any]] | None = None
+                  ) -> Callable[[Callable[..., None]], Callable[..., Any]]:
     """Make `body(the_run, round_, *, slot, force, quiet, **extra)` a command taking the options of
     every sharded stage, in this order: --round, --run, --config, --set, --force, --shard-index,
     --num-shards, the `extra` options ({name: (annotation, default)}), --quiet, and --trust-remote-code
@@ -126,6 +127,7 @@ def sharded_stage(runs_model: bool = True, extra: dict[str, tuple[Any, Any]] | N
             body(the_run, opts["round_"], slot=lambda: worker_slot(opts["shard_index"], opts["num_shards"]),
                  force=opts["force"], quiet=opts["quiet"], **{name: opts[name] for name in extra or {}})
 
+        # typer reads a command's options from its signature: build it from the declarations above
         options = [("round_", RoundOpt, inspect.Parameter.empty), ("run", RunOpt, "default"),
                    ("config", ConfigOpt, None), ("set_", SetOpt, None), ("force", ForceOpt, False),
                    ("shard_index", ShardIndexOpt, None), ("num_shards", NumShardsOpt, None),
