@@ -119,9 +119,9 @@ def compare(
     codes = cmp.run_arms(name, arms, seed_list, rounds, config, set_ or [], jobs or os.cpu_count() or 1,
                          runs_dir)
     failed = [r for r, c in codes.items() if c != 0]
-    if failed:
-        raise ScopeError(f"compare: arms failed: {', '.join(failed)} (logs in {runs_dir / (name + '-compare') / 'logs'})")
     out = runs_dir / f"{name}-compare"
+    if failed:
+        raise ScopeError(f"compare: arms failed: {', '.join(failed)} (logs in {out / 'logs'})")
     table = cmp.summarise(name, arms, seed_list, rounds, runs_dir)
     columns = arms + [f"scope-{a}" for a in arms if a != "scope" and "scope" in arms]
     markdown = cmp.to_markdown(table, columns)
