@@ -1,22 +1,25 @@
 """The config's sections: one dataclass per stage plus `run`, `task`, `policy` and `round`, and the
-allowed values of their numeric keys, declared on the field itself.
+allowed values of their keys, declared on the field itself: a `Literal` lists a key's choices, a
+`Range` bounds a number.
 
+    algo: Literal["grpo", "luffy", "scope"] = "scope"
     temperature: float = key(1.0, Range(gt=0, le=10))
     grad_clip: float = key(1.0, Range(ge=0, zero="no clipping"))
     batch_size: int = op(256, Range(ge=1))          # operational (never fixes a run)
 
-A `Range` is finite by construction (NaN and ±inf are refused for every float key), with optional
-bounds; `zero` names what 0 means where it is a special value. Operational keys (`op`) change how work
-is done (worker counts, batch sizes), not what it computes. scope_cli/core/config.py builds, validates
-(every field that declares a range; each element of a list field), compares and hashes a `Config` made
-of these sections.
+A key's choices are read from its `Literal` (validation, `scope compare --algos`, the test that
+configs/default.toml lists them). A `Range` is finite by construction (NaN and ±inf are refused for
+every float key), with optional bounds; `zero` names what 0 means where it is a special value.
+Operational keys (`op`) change how work is done (worker counts, batch sizes), not what it computes.
+scope_cli/core/config.py builds, validates (every choice; every field that declares a range, each
+element of a list field), compares and hashes a `Config` made of these sections.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,16 @@ def op(default: Any = MISSING, rng: Range | None = None, *, default_factory: Any
 
 SEED = Range(ge=0, le=2**63 - 1)
 PROB = Range(ge=0, le=1)
+# the choices that several keys share
+Dtype = Literal["float32", "bfloat16", "float16"]
+AutoOnOff = Literal["auto", "on", "off"]
 
 
 @dataclass
 class RunConfig:
     name: str = "default"
     seed: int = key(0, SEED)
-    algo: str = "scope"  # grpo | luffy | scope
+    algo: Literal["grpo", "luffy", "scope"] = "scope"
     # checkpoint retention, applied by `scope round` after each finished round (scope_cli/cli/rounds.py);
     # operational: it removes old files, never changes what a stage computes
     keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders
@@ -87,14 +93,15 @@ class RunConfig:
     # train-step and eval from their Parquet, stepped by the global optimizer update count.
     # "tensorboard": event files under runs/<run>/tensorboard/; "wandb": a wandb run (offline unless
     # WANDB_MODE says otherwise; needs the wandb package); []: none. Operational: files beside the run
-    loggers: list[str] = op(default_factory=lambda: ["tensorboard"])
+    loggers: list[Literal["tensorboard", "wandb"]] = op(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
 class TaskConfig:
-    # the task of a file source's rows that name none (in task or data_source): math | choice; arith
-    # (the default) is the built-in source's task, so such rows are read as math
-    name: str = "arith"
+    # the task of a file source's rows that name none (no task column, no data_source naming one):
+    # math or choice; arith (the default) reads such rows as math, as only the built-in source
+    # (prepare.source = "arith") writes arith rows. The values are the task modules (scope_cli/tasks)
+    name: Literal["arith", "math", "choice"] = "arith"
 
 
 @dataclass
@@ -102,7 +109,7 @@ class PolicyConfig:
     path: str = "data/policies/arith-tiny"  # the base policy (HF folder), copied to policy-000
     # the dtype train-step writes policy-R in: float32 keeps every update (an lr-1e-6 step is below
     # bfloat16's resolution and would be rounded away; engines still compute in generate.dtype)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Dtype = "float32"
     trust_remote_code: bool = False
 
 
@@ -125,9 +132,10 @@ class PrepareConfig:
 
 @dataclass
 class GenerateConfig:
-    backend: str = "hf"  # hf | vllm | auto
+    backend: Literal["hf", "vllm", "auto"] = "hf"  # auto: vllm where CUDA and vllm exist, else hf
     # one round's batch: prompts × n rows, at most 1,000,000 (checked with the pair)
     prompts_per_round: int = key(32, Range(ge=1, le=100_000))
+    # whole prompt groups per rollouts/ shard (a worker's unit): at most prompts_per_round
     prompts_per_shard: int = key(32, Range(ge=1, le=100_000))
     n: int = key(8, Range(ge=1, le=1024))
     # RL sampling: train-step recomputes old log-probs as softmax(logits / temperature), so the
@@ -138,7 +146,7 @@ class GenerateConfig:
     max_tokens: int = key(64, Range(ge=1, le=1_048_576))
     stop: list[str] = field(default_factory=list)
     batch_size: int = op(256, Range(ge=1, le=1_000_000))  # sequences per hf generate call
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     tensor_parallel_size: int = op(1, Range(ge=1, le=1024))
     gpu_memory_utilization: float = op(0.5, Range(gt=0, le=1))
     max_model_len: int = key(0, Range(ge=1, le=16_777_216, zero="the model's own limit"))
@@ -149,24 +157,25 @@ class VerifyConfig:
     workers: int = op(2, Range(ge=1, le=256))
     timeout: float = key(5.0, Range(gt=0, le=3600))  # seconds per item, enforced from outside the worker
     # where the answer comes from (verify, eval and rectify's re-verification): boxed (the last
-    # \boxed{}, what the prompts ask for) | auto (math-verify's own LaTeX and plain-expression
+    # \boxed{}, what the prompts ask for) or auto (math-verify's own LaTeX and plain-expression
     # extraction over the whole response, for free-form answers; a row where it finds none is
     # no_answer). Measured agreement with hand labels: README "Answers in free form"
-    extract: str = "boxed"
+    extract: Literal["boxed", "auto"] = "boxed"
     format_reward: float = key(0.0, Range(ge=-1, le=1))  # reward given when \boxed{} is missing (off: 0)
     truncation_penalty: float = key(0.0, Range(ge=0, le=1))  # subtracted when finish_reason == "length"
 
 
 @dataclass
 class PrmConfig:
-    backend: str = "rule"  # rule | hf | vllm
+    backend: Literal["rule", "hf", "vllm"] = "rule"  # rule: the task's exact step checker
     path: str = ""  # PRM folder for hf / vllm
-    convention: str = "qwen"  # qwen (<extra_0> + 2-class head) | shepherd (step tag, +/- tokens)
-    score: str = "failed"  # failed | all
+    # qwen: <extra_0> + 2-class head; shepherd: step tag, +/- tokens
+    convention: Literal["qwen", "shepherd"] = "qwen"
+    score: Literal["failed", "all"] = "failed"  # score the failed rows only, or all
     noise: float = key(0.0, PROB)  # probability per row of missing or shifting the first error
     batch_size: int = op(32, Range(ge=1, le=1_000_000))
     batch_tokens: int = op(65536, Range(ge=1, le=1 << 40))  # hf: at most this many (padded) tokens per pass
-    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = op("auto")  # auto | cpu | cuda | cuda:N
     step_tag: str = "ки"  # shepherd convention: the tag after each step
     good_token: str = "+"  # shepherd convention: the "step is right" token
@@ -175,7 +184,8 @@ class PrmConfig:
 
 @dataclass
 class LocateConfig:
-    method: str = "threshold"  # threshold | argmin
+    # threshold: the first step scored below locate.threshold; argmin: the lowest-scored step
+    method: Literal["threshold", "argmin"] = "threshold"
     threshold: float = key(0.5, PROB)
     min_prefix_steps: int = key(1, Range(ge=0, le=1_000_000))
     max_per_group: int = key(2, Range(ge=0, le=1_000_000))
@@ -184,8 +194,9 @@ class LocateConfig:
 
 @dataclass
 class RectifyConfig:
-    mode: str = "replace"  # replace | augment
-    guide: str = "oracle"  # oracle | model
+    # replace: a salvaged row takes its parent's place in the batch; augment: both train
+    mode: Literal["replace", "augment"] = "replace"
+    guide: Literal["oracle", "model"] = "oracle"  # oracle: the task's exact solver; model: an LM
     guide_path: str = "data/policies/arith-guide"
     guide_sees_reference: bool = False
     guide_temperature: float = key(1.0, Range(gt=0, le=10))
@@ -208,11 +219,12 @@ class TrainConfig:
     ppo_epochs: int = key(1, Range(ge=1, le=1000))
     clip_low: float = key(0.2, Range(ge=0, lt=1))
     clip_high: float = key(0.28, Range(ge=0, le=100))
-    offpolicy_loss: str = "shaped"  # shaped | nll
+    offpolicy_loss: Literal["shaped", "nll"] = "shaped"  # shaped: LUFFY's pi/(pi+gamma)
     offpolicy_gamma: float = key(0.1, Range(gt=0, le=1000))
-    advantage: str = "grpo"  # grpo | drgrpo (no std) | grpo_split (stats over policy rows)
+    # drgrpo: no std; grpo_split: group statistics over the policy's own rows
+    advantage: Literal["grpo", "drgrpo", "grpo_split"] = "grpo"
     adv_eps: float = key(1e-6, Range(gt=0, le=1))
-    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     kl_coef: float = key(0.0, Range(ge=0, le=1000))
     # the gradient's global norm is clipped to this; 0 means no clipping (as in TRL, verl, torch)
     grad_clip: float = key(1.0, Range(gt=0, le=1e6, zero="no clipping"))
@@ -225,18 +237,18 @@ class TrainConfig:
     threads: int = op(1, Range(ge=1, le=4096, zero="torch's default"))
     fsdp: bool = False
     activation_checkpointing: bool = False
-    # auto | bf16 | fp32: the compute dtype of train-step (FSDP on GPU: its MixedPrecisionPolicy, else
-    # torch.autocast); weights, gradients and Adam moments stay float32. auto: bf16 with CUDA, fp32 on
-    # CPU (as every CPU result so far)
-    mixed_precision: str = "auto"
-    # auto | on | off: pack a micro-batch's rows into one sequence (position ids restart per row, so
-    # attention stays within a row; no padding) instead of right-padded length buckets. auto: on with
-    # CUDA, off on CPU (the same bytes as before on CPU; packing changes float rounding only)
-    packing: str = op("auto")
-    # auto | on | off: log-probs from the last hidden states in chunks of response tokens (lm_head,
-    # log-softmax and the loss's gradient one chunk at a time), never a [tokens × vocabulary] tensor.
+    # the compute dtype of train-step (FSDP on GPU: its MixedPrecisionPolicy, else torch.autocast);
+    # weights, gradients and Adam moments stay float32. auto: bf16 with CUDA, fp32 on CPU (as every
+    # CPU result so far)
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # pack a micro-batch's rows into one sequence (position ids restart per row, so attention stays
+    # within a row; no padding) instead of right-padded length buckets. auto: on with CUDA, off on
+    # CPU (the same bytes as before on CPU; packing changes float rounding only)
+    packing: AutoOnOff = op("auto")
+    # log-probs from the last hidden states in chunks of response tokens (lm_head, log-softmax and
+    # the loss's gradient one chunk at a time), never a [tokens × vocabulary] tensor.
     # auto: on with CUDA, off on CPU (same values within float rounding, not the same bytes)
-    logprob_chunks: str = op("auto")
+    logprob_chunks: AutoOnOff = op("auto")
     # response tokens per chunk (~3 × this × vocabulary floats at once); 0: 2048 with CUDA (fewer
     # chunks: each adds the lm_head gradient, vocabulary × hidden, into its float32 sum), 256 on CPU
     logprob_chunk_tokens: int = op(0, Range(ge=1, le=1 << 30, zero="auto"))
@@ -284,7 +296,7 @@ class EvalConfig:
 
 @dataclass
 class RoundConfig:
-    isolate: str = op("auto")  # auto | on | off: run each stage as a subprocess
+    isolate: AutoOnOff = op("auto")  # run each stage as a subprocess (auto: on with vllm or CUDA)
     # isolated rounds: train-step runs under `torchrun --standalone --nproc-per-node N` when N > 1
     # (DDP, or FSDP2 with train.fsdp, over one node's GPUs); 1: one plain process
     train_procs: int = op(1, Range(ge=1, le=1024))

@@ -1,11 +1,18 @@
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
+
 import pytest
 
 from scope_cli.core.config import (
     Config,
     ConfigError,
+    choices,
     config_hash,
     differing_keys,
     from_dict,
+    key_choices,
     load_config,
     read_toml,
     to_toml,
@@ -76,3 +83,78 @@ def test_hash_covers_declared_keys_only():
     assert differing_keys(a, c) == []
     with pytest.raises(ConfigError):
         config_hash(a, ["generate.nn"])
+
+
+# ---- choices: declared once, as a Literal on the field ---------------------------------------------
+def choice_keys() -> dict[str, tuple[tuple[str, ...], bool]]:
+    """{section.key: (its values, whether the key is a list of them)} for every choice key."""
+    out = {}
+    for section in fields(Config):
+        for name, typ in get_type_hints(section.default_factory).items():
+            is_list = get_origin(typ) is list
+            values = choices(get_args(typ)[0] if is_list else typ)
+            if values:
+                out[f"{section.name}.{name}"] = (values, is_list)
+    return out
+
+
+def test_choice_keys_are_found():
+    keys = choice_keys()
+    assert keys["run.algo"] == (("grpo", "luffy", "scope"), False)
+    assert keys["run.loggers"] == (("tensorboard", "wandb"), True)
+    assert keys["train.packing"] == (("auto", "on", "off"), False)
+    assert len(keys) == 21  # every `a | b` key of the sections, none left as a plain str
+    assert "prm.device" not in keys  # cuda:N is open-ended: a plain string
+
+
+def test_every_choice_default_is_one_of_its_values():
+    cfg = Config()
+    for dotted, (values, is_list) in choice_keys().items():
+        default = cfg.get(dotted)
+        assert all(v in values for v in default) if is_list else default in values, dotted
+
+
+def test_validation_accepts_every_choice_and_refuses_others():
+    for dotted, (values, is_list) in choice_keys().items():
+        for value in values:
+            assert load_config(None, [f"{dotted}={value}"]).get(dotted) == ([value] if is_list else value)
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{dotted}=nope"])
+        expected = "a list of" if is_list else "one of"
+        assert str(err.value) == f"{dotted}: expected {expected} {', '.join(values)}, got 'nope'"
+    assert key_choices("run.algo") == ("grpo", "luffy", "scope")
+    assert key_choices("run.seed") == ()
+
+
+def test_task_name_accepts_exactly_the_task_modules():
+    from scope_cli.tasks import TASKS
+
+    assert key_choices("task.name") == tuple(TASKS)
+
+
+def test_default_toml_lists_every_choice():
+    """configs/default.toml's comment on each choice key names all of its values."""
+    lines = {}
+    section = ""
+    for line in (Path(__file__).resolve().parents[1] / "configs" / "default.toml").read_text().splitlines():
+        if line.startswith("["):
+            section = line[1:line.index("]")]
+        elif " = " in line:
+            lines[f"{section}.{line.partition(' = ')[0].strip()}"] = line
+    for dotted, (values, _) in choice_keys().items():
+        comment = lines[dotted].partition("#")[2]
+        missing = [v for v in values if not re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", comment)]
+        assert missing == [], dotted
+
+
+@pytest.mark.parametrize("per_round, per_shard", [(4, 4), (4, 2), (32, 1)])
+def test_prompts_per_shard_at_most_per_round(per_round, per_shard):
+    cfg = load_config(None, [f"generate.prompts_per_round={per_round}", f"generate.prompts_per_shard={per_shard}"])
+    assert (cfg.generate.prompts_per_round, cfg.generate.prompts_per_shard) == (per_round, per_shard)
+
+
+def test_prompts_per_shard_above_per_round_is_refused_not_clamped():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["generate.prompts_per_round=4"])  # prompts_per_shard: 32 by default
+    assert str(err.value) == ("generate.prompts_per_shard: got 32, expected at most "
+                              "generate.prompts_per_round (4)")

@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
     run = Run.open(root / "run", overrides=[
         f"policy.path={policy}", "prepare.train_size=16", "prepare.eval_size=6", "prepare.ood_size=4",
         "eval.limit=3", "eval.n_samples=16", "eval.max_tokens=6", "verify.workers=1",
-        "generate.prompts_per_round=16",
+        "generate.prompts_per_round=16", "generate.prompts_per_shard=16",
     ], create=True)
     prepare(run, quiet=True)
     return run

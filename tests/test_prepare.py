@@ -45,7 +45,8 @@ def verl_table():
 def test_verl_parquet_written_elsewhere(tmp_path):
     src = tmp_path / "train.parquet"
     pq.write_table(verl_table(), src)
-    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2")
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2",
+                   "generate.prompts_per_shard=2")
     summary = prepare(run, quiet=True)
     rows = read_stage(run.prompts_dir).to_pylist()
     assert summary["prompts"] == 2 and summary["duplicates"] == 1  # the same problem twice (same answer)
@@ -63,7 +64,8 @@ def test_conflicting_duplicates_name_both_sources(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"problem": "2+2", "answer": "4"}\n{"problem": "3+3", "answer": "6"}\n'
                    '{"problem": "2+2", "answer": "5"}\n')
-    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2")
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2",
+                   "generate.prompts_per_shard=2")
     with pytest.raises(PrepareError) as err:
         prepare(run, quiet=True)
     assert f"{src}:3: same problem as {src}:1 with a different answer ('5' vs '4')" in str(err.value)
@@ -83,7 +85,8 @@ def test_conflicting_duplicates_name_both_sources(tmp_path):
 def test_bad_jsonl_is_one_line(tmp_path, content, message):
     src = tmp_path / "d.jsonl"
     src.write_bytes(content)
-    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2")
+    run = make_run(tmp_path, f"prepare.source={src}", "task.name=math", "generate.prompts_per_round=2",
+                   "generate.prompts_per_shard=2")
     with pytest.raises(PrepareError) as err:
         prepare(run, quiet=True)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -102,6 +105,7 @@ def test_local_hf_dataset_folder_and_eval_sources(tmp_path):
     held = tmp_path / "held.jsonl"
     held.write_text('{"problem": "c+d", "answer": "2"}\n{"problem": "x+y", "answer": "9"}\n')
     run = make_run(tmp_path, f"prepare.source={folder}", "task.name=math", "generate.prompts_per_round=1",
+                   "generate.prompts_per_shard=1",
                    f'prepare.eval_sources=["held={held}"]')
     summary = prepare(run, quiet=True)
     assert summary["removed_eval_overlap"] == 1  # eval sets are disjoint from the prompts
@@ -188,6 +192,7 @@ def test_save_to_disk_folder_loads_as_a_folder_and_as_hf(tmp_path):
                                                               "answer": ["4"]})}).save_to_disk(folder)
     for i, source in enumerate([str(folder), f"hf:{folder}"]):
         run = Run.open(tmp_path / f"run{i}", None, ["policy.path=" + POLICY, "generate.prompts_per_round=3",
+                                                    "generate.prompts_per_shard=3",
                                                     f"prepare.source={source}",
                                                     f'prepare.eval_sources=["held=hf:{folder}"]'],
                        create=True)
@@ -238,7 +243,8 @@ def test_hf_id_loads_offline_from_the_local_cache(tmp_path):
            "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(cache),
            "PYTHONPATH": str(root), "SCOPE_RUNS_DIR": str(tmp_path / "runs")}
     base = [sys.executable, "-m", "scope_cli.cli.app", "prepare", "--quiet",
-            "--set", f"policy.path={POLICY}", "--set", "generate.prompts_per_round=3"]
+            "--set", f"policy.path={POLICY}", "--set", "generate.prompts_per_round=3",
+            "--set", "generate.prompts_per_shard=3"]
     res = subprocess.run([*base, "--run", "hub", "--set", "prepare.source=hf:someone/tiny-math"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -255,7 +261,8 @@ def test_file_rows_default_to_math_and_an_arith_row_must_be_arith(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text(json.dumps({"problem": "What is 6 times 5?", "answer": "30"}) + "\n"
                    + json.dumps({"problem": "7+5-7", "answer": "5", "data_source": "arith"}) + "\n")
-    run = make_run(tmp_path, f"prepare.source={src}", "generate.prompts_per_round=2")  # task.name: arith
+    run = make_run(tmp_path, f"prepare.source={src}", "generate.prompts_per_round=2",
+                   "generate.prompts_per_shard=2")  # task.name: arith
     prepare(run, quiet=True)
     rows = read_stage(run.prompts_dir).to_pylist()
     assert [(r["task"], r["data_source"]) for r in rows] == [("math", "math"), ("arith", "arith")]

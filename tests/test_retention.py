@@ -105,7 +105,8 @@ def test_round_driver_prunes_and_continues_from_what_it_kept(tmp_path):
 
     policy = Path(__file__).resolve().parents[1] / "data" / "policies" / "arith-tiny"
     tiny = [f"policy.path={policy}", "prepare.train_size=64", "prepare.eval_size=8", "prepare.ood_size=8",
-            "generate.prompts_per_round=4", "generate.n=4", "generate.max_tokens=24", "eval.every=2",
+            "generate.prompts_per_round=4", "generate.prompts_per_shard=4", "generate.n=4",
+            "generate.max_tokens=24", "eval.every=2",
             "eval.n_samples=2", "eval.ks=[1]", "eval.max_tokens=24", "train.minibatches=1",
             "verify.workers=1", "run.keep_policies=1", "run.keep_state=1"]
     run = Run.open(tmp_path / "run", None, tiny, create=True)

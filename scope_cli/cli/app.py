@@ -1,43 +1,45 @@
-"""The `scope` command line: one subcommand per stage, plus prepare and status.
+"""The `scope` command line: one subcommand per stage (prepare, generate, verify, train-step,
+prm-score, locate-error, rectify, eval), then the commands on whole runs (report, round, compare,
+config, status: scope_cli/cli/run_commands.py).
 
 Every command takes the run (`--run NAME` under ./runs, or a path) and the config layers
-(`--config FILE`, `--set section.key=value`, repeatable). Heavy libraries are imported inside the
-commands, so `scope --help` and `scope status` answer at once.
+(`--config FILE`, `--set section.key=value`, repeatable); the options every command shares, and the
+shape of a sharded stage command, are declared once in scope_cli/cli/options.py. Heavy libraries are
+imported inside the commands, so `scope --help` and `scope status` answer at once.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from scope_cli.cli import run_commands
+from scope_cli.cli.options import (
+    Command,
+    ConfigOpt,
+    ForceOpt,
+    Group,
+    NumShardsOpt,
+    QuietOpt,
+    RunOpt,
+    SetOpt,
+    ShardIndexOpt,
+    Slot,
+    TrustOpt,
+    one_line_errors,
+    open_run,
+    run_path,
+    sharded_stage,
+)
 from scope_cli.errors import ScopeError
 
-
-class _FlagsAsFlags:
-    """Help that shows a boolean flag as a flag (`--force`), not as taking a value (`--force <bool>`)."""
-
-    def get_params(self, ctx):  # type: ignore[no-untyped-def]
-        params = super().get_params(ctx)  # type: ignore[misc]
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-
-class _Command(_FlagsAsFlags, typer.core.TyperCommand):
-    pass
-
-
-class _Group(_FlagsAsFlags, typer.core.TyperGroup):
-    pass
-
+if TYPE_CHECKING:
+    from scope_cli.core.runs import Run
 
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     help="SCOPE: RL from verifiable rewards with step-wise off-policy rectification, as offline stages.",
@@ -56,74 +58,6 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """SCOPE: RL from verifiable rewards with step-wise off-policy rectification, as offline stages."""
-
-
-RunOpt = Annotated[str, typer.Option("--run", "-r", help="run name (under $SCOPE_RUNS_DIR or ./runs) or path")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="TOML config file")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: section.key=value")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="accept a changed config; recompute done shards")]
-RoundOpt = Annotated[int, typer.Option("--round", "-R", help="round number (1-based)")]
-ShardIndexOpt = Annotated[Optional[int], typer.Option("--shard-index", help="this worker's index")]
-NumShardsOpt = Annotated[Optional[int], typer.Option("--num-shards", help="number of workers")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
-TrustOpt = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="allow models whose folder ships Python code to run it (sets "
-    "policy.trust_remote_code; off by default: such code can do anything)")]
-
-
-def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a ScopeError as one red line on stderr and exit 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ScopeError, OSError) as exc:  # OSError: a full disk, a permission, a vanished file
-            from rich.markup import escape
-
-            from scope_cli.console import make_console
-
-            make_console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", markup=True,
-                                            soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def run_path(run: str):
-    from scope_cli.core.runs import run_root
-
-    return run_root(run, os.environ.get("SCOPE_RUNS_DIR", "runs"))
-
-
-def open_run(run: str, config: str | None, overrides: list[str] | None, force: bool, create: bool = False,
-             trust_remote_code: bool = False, torch_threads: bool = True):
-    """Open the run, check that its loggers can run and, for a command that runs a model, set torch's
-    CPU threads (train.threads): the same for every command, alone or inside `scope round`."""
-    from scope_cli.core.loggers import check_loggers
-    from scope_cli.core.runs import Run
-
-    overrides = [*(overrides or []), *(["policy.trust_remote_code=true"] if trust_remote_code else [])]
-    the_run = Run.open(run_path(run), config, overrides, force=force, create=create)
-    check_loggers(the_run.config.run.loggers)
-    if torch_threads:
-        from scope_cli.backends.training import set_threads
-
-        set_threads(the_run.config.train.threads)
-    return the_run
-
-
-def peek_run(run: str, config: str | None, overrides: list[str] | None):
-    """The run with --config/--set applied, writing nothing (for `scope config`, `--dry-run`)."""
-    from scope_cli.core.config import from_dict, load_config, read_toml
-    from scope_cli.core.runs import Run, RunError, run_command
-
-    root = run_path(run)
-    stored = root / "config.toml"
-    if not stored.exists():
-        raise RunError(f"{root}: no run here (no config.toml); create it with `{run_command(root, 'prepare')}`")
-    base = from_dict(read_toml(stored), str(stored))
-    return Run(root, load_config(config, overrides, base=base) if config or overrides else base)
 
 
 @app.command()
@@ -161,27 +95,14 @@ def prepare(
 
 
 @app.command()
-@one_line_errors
-def generate(
-    round_: RoundOpt,
-    run: RunOpt = "default",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    shard_index: ShardIndexOpt = None,
-    num_shards: NumShardsOpt = None,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustOpt = False,
-) -> None:
+@sharded_stage()
+def generate(the_run: Run, round_: int, *, slot: Slot, force: bool, quiet: bool) -> None:
     """Sample generate.n responses per prompt of round R from policy-(R-1): prompts -> rollouts."""
-    from scope_cli.console import make_console
-    from scope_cli.core.shards import worker_slot
     from scope_cli.cli.status import stage_summary
+    from scope_cli.console import make_console
     from stages.generate import generate as generate_stage
 
-    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
-    done = generate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
-                          quiet=quiet)
+    done = generate_stage(the_run, round_, force=force, worker=slot(), quiet=quiet)
     if not done.computed:  # it said what it skipped; the totals below would be an earlier run's
         return
     totals = stage_summary(the_run.stage_dir(round_, "rollouts"))
@@ -194,26 +115,14 @@ def generate(
 
 
 @app.command()
-@one_line_errors
-def verify(
-    round_: RoundOpt,
-    run: RunOpt = "default",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    shard_index: ShardIndexOpt = None,
-    num_shards: NumShardsOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
+@sharded_stage(runs_model=False)  # (math-verify: no torch)
+def verify(the_run: Run, round_: int, *, slot: Slot, force: bool, quiet: bool) -> None:
     """Check each rollout's answer with math-verify (pred, correct, reward, verify_status): rollouts -> verified."""
-    from scope_cli.console import make_console
-    from scope_cli.core.shards import worker_slot
     from scope_cli.cli.status import stage_summary
+    from scope_cli.console import make_console
     from stages.verify import verify as verify_stage
 
-    the_run = open_run(run, config, set_, force, torch_threads=False)  # (math-verify: no torch)
-    done = verify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
-                        quiet=quiet)
+    done = verify_stage(the_run, round_, force=force, worker=slot(), quiet=quiet)
     if not done.computed:  # it said what it skipped; the totals below would be an earlier run's
         return
     totals = stage_summary(the_run.stage_dir(round_, "verified"))
@@ -242,7 +151,6 @@ def train_step(
     """Train: round R's RL update (policy-(R-1) + rectified batch -> policy-R; torchrun for DDP/FSDP2),
     or `--objective sft --out DIR` to build a tiny arith policy from scratch."""
     from scope_cli.console import make_console
-    from scope_cli.errors import ScopeError
 
     if objective == "sft":
         if not out:
@@ -265,77 +173,43 @@ def train_step(
     train_stage(the_run, round_, force=force, quiet=quiet)  # says "done earlier, skipped" itself
 
 
+EvalAgainstOpt = Annotated[Optional[str], typer.Option(
+    "--eval-against", help="rule: measure the configured PRM against the task's exact checker "
+    "(ProcessBench-style F1) instead of writing scored/")]
+
+
 @app.command("prm-score")
-@one_line_errors
-def prm_score(
-    round_: RoundOpt,
-    run: RunOpt = "default",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    shard_index: ShardIndexOpt = None,
-    num_shards: NumShardsOpt = None,
-    eval_against: Annotated[Optional[str], typer.Option(
-        "--eval-against", help="rule: measure the configured PRM against the task's exact checker "
-        "(ProcessBench-style F1) instead of writing scored/")] = None,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustOpt = False,
-) -> None:
+@sharded_stage(extra={"eval_against": (EvalAgainstOpt, None)})
+def prm_score(the_run: Run, round_: int, *, slot: Slot, force: bool, quiet: bool,
+              eval_against: str | None) -> None:
     """Split rollouts into steps and score them with a PRM: round-R/verified -> round-R/scored."""
-    from scope_cli.errors import ScopeError
-    from scope_cli.core.shards import worker_slot
     from stages.prm_score import eval_against_rule, print_eval
     from stages.prm_score import prm_score as prm_score_stage
 
-    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
     if eval_against is not None:
         if eval_against != "rule":
             raise ScopeError(f"--eval-against: expected rule, got {eval_against!r}")
         print_eval(eval_against_rule(the_run, round_))
         return
-    prm_score_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards),
-                    quiet=quiet)
+    prm_score_stage(the_run, round_, force=force, worker=slot(), quiet=quiet)
 
 
 @app.command("locate-error")
-@one_line_errors
-def locate_error(
-    round_: RoundOpt,
-    run: RunOpt = "default",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    shard_index: ShardIndexOpt = None,
-    num_shards: NumShardsOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
+@sharded_stage(runs_model=False)  # (no model)
+def locate_error(the_run: Run, round_: int, *, slot: Slot, force: bool, quiet: bool) -> None:
     """Find each failed rollout's first wrong step and pick the rows to salvage: scored -> located."""
-    from scope_cli.core.shards import worker_slot
     from stages.locate_error import locate_error as locate_stage
 
-    the_run = open_run(run, config, set_, force, torch_threads=False)  # (no model)
-    locate_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    locate_stage(the_run, round_, force=force, worker=slot(), quiet=quiet)
 
 
 @app.command()
-@one_line_errors
-def rectify(
-    round_: RoundOpt,
-    run: RunOpt = "default",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    shard_index: ShardIndexOpt = None,
-    num_shards: NumShardsOpt = None,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustOpt = False,
-) -> None:
+@sharded_stage()
+def rectify(the_run: Run, round_: int, *, slot: Slot, force: bool, quiet: bool) -> None:
     """Write the training batch (salvaged rows spliced with a guide's continuation): located -> rectified."""
-    from scope_cli.core.shards import worker_slot
     from stages.rectify import rectify as rectify_stage
 
-    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
-    rectify_stage(the_run, round_, force=force, worker=worker_slot(shard_index, num_shards), quiet=quiet)
+    rectify_stage(the_run, round_, force=force, worker=slot(), quiet=quiet)
 
 
 @app.command("eval")
@@ -387,157 +261,16 @@ def eval_(
     make_console(quiet=quiet).print(table)
 
 
-@app.command()
-@one_line_errors
-def report(
-    runs: Annotated[list[str], typer.Argument(help="run names (under $SCOPE_RUNS_DIR or ./runs) or paths")],
-    out: Annotated[Optional[str], typer.Option(
-        "--out", "-o", help="folder for report.png, report.pdf and report.md "
-                            "(default: reports/<run>-vs-<run> in the current folder)")] = None,
-    title: Annotated[Optional[str], typer.Option("--title", help="the figure's title")] = None,
-) -> None:
-    """One figure (accuracy, pass@k, diversity, entropy against optimizer updates; PNG and PDF) and
-    one markdown table comparing runs. A run without an eval is skipped and named."""
-    from scope_cli.cli.report import report as write_report
-
-    result = write_report([run_path(r) for r in runs], out, title)
-    typer.echo(result["table"])
-    for skipped in result["skipped"]:
-        typer.echo(f"skipped {skipped}")
-    typer.echo(f"wrote {result['png']}, {result['pdf']} and {result['markdown']}")
-
-
-@app.command("round")
-@one_line_errors
-def round_(
-    target: Annotated[int, typer.Argument(help="bring the run to this round (runs every unfinished round)")],
-    run: RunOpt = "default",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    isolate: Annotated[Optional[bool], typer.Option(
-        "--isolate/--no-isolate", help="one subprocess per stage (default: round.isolate)")] = None,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="list per round and stage what would run and what is done; run nothing")] = False,
-    quiet: QuietOpt = False,
-    trust_remote_code: TrustOpt = False,
-) -> None:
-    """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval)."""
-    from scope_cli.console import make_console
-    from scope_cli.cli.rounds import bring_to_round, round_table
-
-    if dry_run:
-        from scope_cli.cli.rounds import dry_run as plan
-
-        from scope_cli.core.config import differing_keys
-        from scope_cli.core.runs import config_changed
-
-        stored = peek_run(run, None, None)
-        the_run = peek_run(run, config, [*(set_ or []), *(["policy.trust_remote_code=true"]
-                                                         if trust_remote_code else [])])
-        changed = differing_keys(stored.config, the_run.config)
-        if changed and not force:  # as the real command would refuse
-            raise config_changed(the_run.root / "config.toml", stored.config, the_run.config, changed)
-        console = make_console()
-        console.print(f"{the_run.root}: round {target}, dry run (nothing is run)")
-        for r, stage, what in plan(the_run, target):
-            console.print(f"  round {r:<3} {stage:<13} {what}")
-        return
-    the_run = open_run(run, config, set_, force, trust_remote_code=trust_remote_code)
-    ran = bring_to_round(the_run, target, quiet=quiet, isolate=isolate)
-    console = make_console()
-    console.print(f"{the_run.root}: round {target} " + ("done" if ran else "already done"))
-    for row in round_table(the_run, target):
-        shown = {k: v for k, v in row.items() if k == "round" or k.endswith(("greedy_acc", "pass@8"))}
-        console.print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in shown.items()))
-
-
-@app.command()
-@one_line_errors
-def compare(
-    rounds: Annotated[int, typer.Option("--rounds", help="rounds per arm")] = 8,
-    seeds: Annotated[int, typer.Option("--seeds", help="seeds per arm (0..seeds-1)")] = 3,
-    name: Annotated[str, typer.Option("--name", help="prefix of the arms' run names")] = "mini",
-    algos: Annotated[str, typer.Option("--algos", help="comma-separated arms")] = "grpo,luffy,scope",
-    jobs: Annotated[int, typer.Option("--jobs", help="arms run at once (default: CPU count)")] = 0,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """The miniature experiment: GRPO vs LUFFY vs SCOPE, same start and prompts, several seeds."""
-    from pathlib import Path
-
-    import polars as pl
-
-    from scope_cli.cli import compare as cmp
-    from scope_cli.console import make_console
-    from scope_cli.core.files import write_parquet_atomic, write_text_atomic
-
-    arms = [a.strip() for a in algos.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ("grpo", "luffy", "scope")]
-    if bad:
-        raise ScopeError(f"--algos: unknown arm {', '.join(bad)} (expected grpo, luffy, scope)")
-    runs_dir = Path(os.environ.get("SCOPE_RUNS_DIR", "runs"))
-    seed_list = list(range(seeds))
-    codes = cmp.run_arms(name, arms, seed_list, rounds, config, set_ or [], jobs or os.cpu_count() or 1,
-                         runs_dir)
-    failed = [r for r, c in codes.items() if c != 0]
-    if failed:
-        raise ScopeError(f"compare: arms failed: {', '.join(failed)} (logs in {runs_dir / (name + '-compare') / 'logs'})")
-    out = runs_dir / f"{name}-compare"
-    table = cmp.summarise(name, arms, seed_list, rounds, runs_dir)
-    columns = arms + [f"scope-{a}" for a in arms if a != "scope" and "scope" in arms]
-    markdown = cmp.to_markdown(table, columns)
-    write_parquet_atomic(pl.DataFrame(table).to_arrow(), out / "table.parquet")
-    write_text_atomic(f"# {name}: {', '.join(arms)}; {seeds} seeds; round {rounds}\n\n{markdown}", out / "table.md")
-    cmp.plot_curves(name, arms, seed_list, runs_dir, out / "curves.png",
-                    ("greedy_acc", "avg@1", "pass@8", "distinct_correct_norm", "later_error_share"))
-    console = make_console()  # markup off: `avg@1[difficulty=5]` is printed as it is
-    console.print(markdown)
-    console.print(f"wrote {out / 'table.md'}, {out / 'table.parquet'}, {out / 'curves.png'}")
-
-
-@app.command("config")
-@one_line_errors
-def config_(
-    run: Annotated[Optional[str], typer.Option(
-        "--run", "-r", help="run name or path (default: no run, the built-in defaults)")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    changed: Annotated[bool, typer.Option("--changed", help="only the keys that differ from the defaults")] = False,
-) -> None:
-    """Print a run's resolved config as TOML (with --config/--set applied, nothing written); a key that
-    differs from the built-in default ends with `# default: VALUE`, an operational one says (op)."""
-    from scope_cli.core.config import load_config, to_toml_marked
-
-    if run is not None:
-        cfg, origin = peek_run(run, config, set_).config, f"the config of {run_path(run)}"
-    else:
-        cfg, origin = load_config(config, set_ or []), "the built-in defaults"
-    layers = "".join(f" < {x}" for x in (config and "--config", set_ and "--set") if x)
-    typer.echo(f"# {origin}{layers}")
-    typer.echo(to_toml_marked(cfg, changed_only=changed), nl=False)
-
-
-@app.command()
-@one_line_errors
-def status(
-    run: RunOpt = "default",
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="hash every recorded file (default: sizes and modification times; files "
-        "changed since written are hashed)")] = False,
-) -> None:
-    """Shards done, rows, seconds and the headline metric of every stage of a run (reads manifests), and
-    every damaged file with the command that recomputes it (exit code 1 when there is one)."""
-    from scope_cli.cli.status import print_status
-
-    if print_status(run_path(run), verify=verify):
-        raise typer.Exit(1)
-
+# the commands on whole runs (scope_cli/cli/run_commands.py), listed after the stages
+app.command()(run_commands.report)
+app.command("round")(run_commands.round_)
+app.command()(run_commands.compare)
+app.command("config")(run_commands.config_)
+app.command()(run_commands.status)
 
 for _info in app.registered_commands:
     if _info.cls in (None, typer.core.TyperCommand):
-        _info.cls = _Command
+        _info.cls = Command
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ keys it reads (e.g. ``["generate", "run.seed", "policy"]``); `config_hash` of th
 stage's manifest, so a changed key makes exactly the stages that read it recompute.
 
 Keys marked operational (`op()`) change how work is done (worker counts, batch sizes, backends that give
-identical files), not what it computes: they are left out of a run's fixed config check. Numeric keys
-declare their allowed range on the field (scope_cli/sections.py); `validate` refuses a value
-outside it, and combinations a later stage could not run, when the config is loaded.
+identical files), not what it computes: they are left out of a run's fixed config check. A choice key
+declares its values as a `Literal` on the field and a numeric key its allowed range
+(scope_cli/sections.py); `validate` refuses a value outside them, and combinations a later stage
+could not run, when the config is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Literal, get_args, get_origin, get_type_hints
 
 from scope_cli.errors import ScopeError
 from scope_cli.sections import (
@@ -75,30 +76,6 @@ class Config:
         return getattr(sec, key)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.algo": ("grpo", "luffy", "scope"),
-    "task.name": ("arith", "math", "choice"),
-    "verify.extract": ("boxed", "auto"),
-    "policy.dtype": ("float32", "bfloat16", "float16"),
-    "generate.backend": ("hf", "vllm", "auto"),
-    "generate.dtype": ("float32", "bfloat16", "float16"),
-    "prm.backend": ("rule", "hf", "vllm"),
-    "prm.convention": ("qwen", "shepherd"),
-    "prm.score": ("failed", "all"),
-    "prm.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "locate.method": ("threshold", "argmin"),
-    "rectify.mode": ("replace", "augment"),
-    "rectify.guide": ("oracle", "model"),
-    "train.offpolicy_loss": ("shaped", "nll"),
-    "train.advantage": ("grpo", "drgrpo", "grpo_split"),
-    "train.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "train.mixed_precision": ("auto", "bf16", "fp32"),
-    "train.packing": ("auto", "on", "off"),
-    "train.logprob_chunks": ("auto", "on", "off"),
-    "round.isolate": ("auto", "on", "off"),
-}
-LOGGERS = ("tensorboard", "wandb")  # run.loggers: each one of these
-
 # ---- building a config ---------------------------------------------------------------------------
 def _section(cfg: Config, section: str, where: str) -> Any:
     names = [f.name for f in fields(cfg)]
@@ -121,8 +98,33 @@ def _nearest(word: str, names: list[str], prefix: str = "") -> str:
     return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(names)}"
 
 
+def choices(typ: Any) -> tuple[str, ...]:
+    """The values a `Literal[...]` field type allows; () for any other type."""
+    return get_args(typ) if get_origin(typ) is Literal else ()
+
+
+def key_choices(dotted: str) -> tuple[str, ...]:
+    """The values a choice key allows, read from its field: `key_choices("run.algo")`."""
+    section, _, key = dotted.partition(".")
+    sec = _section(Config(), section, dotted)
+    _check_key(sec, section, key, dotted)
+    return choices(get_type_hints(type(sec))[key])
+
+
+def _typed_keys(cfg: Config) -> Iterator[tuple[str, Any, Any, dataclasses.Field]]:
+    """(section.key, declared type, value, field) of every key, section by section."""
+    for sec_field in fields(cfg):
+        section = getattr(cfg, sec_field.name)
+        hints = get_type_hints(type(section))
+        for f in fields(section):
+            yield f"{sec_field.name}.{f.name}", hints[f.name], getattr(section, f.name), f
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Convert a TOML value or a `--set` string to the field's declared type."""
+    """Convert a TOML value or a `--set` string to the field's declared type (a choice is a string
+    here; `validate` checks it against the field's values)."""
+    if get_origin(typ) is Literal:
+        typ = str
     origin = get_origin(typ)
     if origin is list:
         (inner,) = get_args(typ)
@@ -236,29 +238,26 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
 def validate(cfg: Config) -> None:
     """Every choice among its values, every number within its declared range, then the combinations
     a later stage would otherwise refuse only after the earlier ones ran. One line per problem."""
-    for dotted, allowed in CHOICES.items():
-        value = cfg.get(dotted)
-        if value not in allowed:
+    keys = list(_typed_keys(cfg))
+    for dotted, typ, value, _ in keys:
+        allowed = choices(typ)
+        if allowed and value not in allowed:
             raise ConfigError(f"{dotted}: expected one of {', '.join(allowed)}, got {value!r}")
-    for sec_field in fields(cfg):
-        section = getattr(cfg, sec_field.name)
-        hints = get_type_hints(type(section))
-        for f in fields(section):
-            rng: Range | None = f.metadata.get("range")
-            if rng is None:
-                continue
-            value, dotted = getattr(section, f.name), f"{sec_field.name}.{f.name}"
-            integer = int in (hints[f.name], *get_args(hints[f.name]))
-            for item in value if isinstance(value, list) else [value]:
-                if not rng.contains(item):
-                    shown = f"{value!r}" if not isinstance(value, list) else f"{item!r} in {value!r}"
-                    raise ConfigError(f"{dotted}: got {shown}, expected {rng.describe(integer)}")
-    bad = [x for x in cfg.run.loggers if x not in LOGGERS]
-    if bad:
-        raise ConfigError(f"run.loggers: expected a list of {', '.join(LOGGERS)}, got {bad[0]!r}")
+    for dotted, typ, value, f in keys:
+        rng: Range | None = f.metadata.get("range")
+        if rng is None:
+            continue
+        integer = int in (typ, *get_args(typ))
+        for item in value if isinstance(value, list) else [value]:
+            if not rng.contains(item):
+                shown = f"{value!r}" if not isinstance(value, list) else f"{item!r} in {value!r}"
+                raise ConfigError(f"{dotted}: got {shown}, expected {rng.describe(integer)}")
+    for dotted, typ, value, _ in keys:
+        allowed = choices(get_args(typ)[0]) if get_origin(typ) is list else ()
+        bad = [x for x in value if x not in allowed] if allowed else []
+        if bad:
+            raise ConfigError(f"{dotted}: expected a list of {', '.join(allowed)}, got {bad[0]!r}")
     _check_combinations(cfg)
-    if cfg.generate.prompts_per_shard > cfg.generate.prompts_per_round:
-        cfg.generate.prompts_per_shard = cfg.generate.prompts_per_round
 
 
 def _check_combinations(cfg: Config) -> None:
@@ -270,6 +269,9 @@ def _check_combinations(cfg: Config) -> None:
     if g.prompts_per_round * g.n > 1_000_000:
         raise ConfigError(f"generate.prompts_per_round × generate.n = {g.prompts_per_round} × {g.n}: "
                           "expected at most 1_000_000 rows per round")
+    if g.prompts_per_shard > g.prompts_per_round:
+        raise ConfigError(f"generate.prompts_per_shard: got {g.prompts_per_shard}, expected at most "
+                          f"generate.prompts_per_round ({g.prompts_per_round})")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {t.betas!r}")
     if t.lr_min > t.lr:

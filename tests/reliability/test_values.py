@@ -106,7 +106,7 @@ def test_failed_prepare_leaves_no_run_and_a_corrected_retry_needs_no_force(tmp_p
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+2", "answer": "3"}\n{oops\n')
     root = tmp_path / "run"
-    base = [*TINY, "generate.prompts_per_round=1"]
+    base = [*TINY, "generate.prompts_per_round=1", "generate.prompts_per_shard=1"]
     one_line_error(cli("prepare", "--run", str(root), *set_args([*base, f"prepare.source={bad}"])),
                    "bad.jsonl:2: not valid JSON")
     assert not root.exists()
@@ -180,7 +180,8 @@ def test_deep_json_and_huge_numbers_in_a_source_are_one_line(tmp_path):
                               (nan, ["nan.jsonl:1", "field difficulty", "nan"])):
         root = tmp_path / f"run-{source.stem}"
         one_line_error(cli("prepare", "--run", str(root),
-                           *set_args([*TINY, "generate.prompts_per_round=1", f"prepare.source={source}"])),
+                           *set_args([*TINY, "generate.prompts_per_round=1", "generate.prompts_per_shard=1",
+                                      f"prepare.source={source}"])),
                        *fragments)
         assert not root.exists()
 
