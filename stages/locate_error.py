@@ -3,7 +3,7 @@
     scope locate-error --run NAME --round R [--shard-index I --num-shards K]
 
 Reads round-R/scored/, writes round-R/located/ (schema LOCATED), shard N from shard N (a shard holds
-whole prompt groups). Columns:
+whole prompt groups). The maths is scope_cli/locate.py (`first_error`, `select`). Columns:
 
 - ``first_error_step`` (0-based): the first step whose score is below locate.threshold (0.5)
   (locate.method=threshold), or the lowest-scored step (argmin); null when the row has no scores or
@@ -29,81 +29,26 @@ all_correct / mixed / all_wrong.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.prm import first_error
-from scope_cli.core.config import config_hash
+from scope_cli.core.config import Config, config_hash
 from scope_cli.core.runs import Run
 from scope_cli.schema import LOCATED, SCORED, conform
 from scope_cli.core.shards import ShardJob, StageResult, complete_shards, run_shards
 from scope_cli.core.files import read_shard, shard_index
+from scope_cli.locate import select
 
 CONFIG_KEYS = ["locate", "run.algo", "rectify.mode"]
 
 
-def group_limit(n_failed: int, n_correct: int, max_per_group: int, mode: str) -> int:
-    """How many failed rows of a group may be salvaged."""
-    limit = min(max_per_group, n_failed)
-    if mode == "replace" and n_correct > 0:
-        limit = min(limit, n_failed - 1)
-    return max(limit, 0)
-
-
-def select(rows: list[dict[str, Any]], cfg: Any) -> tuple[list[int | None], list[bool], dict[str, int]]:
-    """first_error_step and salvage for each row (rows: dicts with prompt_id, sample_idx, correct,
-    steps, step_scores), and the summary counters."""
-    loc = cfg.locate
-    n = len(rows)
-    counts = {"rows": n, "failed": 0, "located": 0, "disagreements": 0, "no_steps": 0, "salvaged": 0,
-              "groups_all_correct": 0, "groups_mixed": 0, "groups_all_wrong": 0}
-    firsts: list[int | None] = [None] * n
-    salvage = [False] * n
-    for i, row in enumerate(rows):
-        scores = row.get("step_scores")
-        failed = not row["correct"]
-        counts["failed"] += failed
-        if scores is None:
-            continue
-        firsts[i] = first_error(scores, loc.method, loc.threshold)
-        if not failed:
-            continue
-        if not scores:
-            counts["no_steps"] += 1
-        elif firsts[i] is None:
-            counts["disagreements"] += 1
-            if loc.salvage_disagreement:
-                firsts[i] = len(scores) - 1
-        counts["located"] += firsts[i] is not None
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        groups[row["prompt_id"]].append(i)
-    algo = cfg.run.algo
-    for members in groups.values():
-        failed = [i for i in members if not rows[i]["correct"]]
-        n_correct = len(members) - len(failed)
-        kind = "all_correct" if not failed else ("all_wrong" if n_correct == 0 else "mixed")
-        counts[f"groups_{kind}"] += 1
-        if algo == "grpo" or not failed:
-            continue
-        limit = group_limit(len(failed), n_correct, loc.max_per_group, cfg.rectify.mode)
-        if algo == "scope":
-            pool = [i for i in failed if firsts[i] is not None and firsts[i] >= loc.min_prefix_steps]
-            pool.sort(key=lambda i: (-firsts[i], rows[i]["sample_idx"]))
-        else:  # luffy: any failure
-            pool = sorted(failed, key=lambda i: rows[i]["sample_idx"])
-        for i in pool[:limit]:
-            salvage[i] = True
-    counts["salvaged"] = sum(salvage)
-    return firsts, salvage, counts
-
-
-def locate_table(table: pa.Table, cfg: Any) -> tuple[pa.Table, dict[str, Any]]:
+def locate_table(table: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
+    """A scored table with first_error_step and salvage (scope_cli/locate.py `select`), and the
+    summary counters."""
     rows = table.select(["prompt_id", "sample_idx", "correct", "step_scores"]).to_pylist()
-    firsts, salvage, counts = select(rows, cfg)
+    firsts, salvage, counts = select(rows, cfg.locate, cfg.run.algo, cfg.rectify.mode)
     out = table
     for name, values in (("first_error_step", firsts), ("salvage", salvage)):
         if name in out.column_names:

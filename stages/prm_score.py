@@ -12,8 +12,8 @@ Reads round-R/verified/ and writes round-R/scored/ (schema SCORED), shard N from
   (prm.score=failed, the default: only they are candidates for rectification) or for all rows
   (prm.score=all); null for rows not scored.
 - prm.noise = p: with probability p per row (drawn from the row's seed) a row whose PRM finds a wrong
-  step has it missed or moved one step (scope_cli/backends/prm.py `apply_noise`): the miniature's
-  way to study a PRM that points at the wrong step.
+  step (a score below locate.threshold) has it missed or moved one step (scope_cli/locate.py
+  `apply_noise`): the miniature's way to study a PRM that points at the wrong step.
 
 With run.algo = grpo or luffy nothing here is needed: rows pass through with the three columns null
 and no PRM is loaded. The steps are split on decode(response_ids) with the policy's tokenizer (the
@@ -33,17 +33,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.prm import PrmError, PrmItem, apply_noise, first_error, load_prm, processbench
-from scope_cli.core.config import config_hash
+from scope_cli.backends.prm import PrmError, PrmItem, load_prm
+from scope_cli.core.config import Config, config_hash
 from scope_cli.core.resources import StageResources, own_or_shared
 from scope_cli.core.runs import Run
 from scope_cli.schema import SCORED, VERIFIED, conform
 from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
 from scope_cli.core.files import read_shard, shard_index, write_json_atomic
 from scope_cli.backends.steps import align_steps, load_policy_tokenizer
+from scope_cli.locate import apply_noise, first_error, processbench
 from scope_cli.tasks import get_task
 
-CONFIG_KEYS = ["prm", "run.algo"]
+CONFIG_KEYS = ["prm", "run.algo", "locate.threshold"]  # the threshold: what noise and errors_found call wrong
 
 
 def uses_prm(algo: str) -> bool:
@@ -61,8 +62,9 @@ def item_of(row: dict[str, Any], steps: list[str], text: str) -> PrmItem:
                    text=text, task=row["task"])
 
 
-def score_table(table: pa.Table, cfg: Any, tokenizer: Any, scorer: Any) -> tuple[pa.Table, dict[str, Any]]:
-    """Add steps, step_token_ends and step_scores to a verified table (see the module docstring)."""
+def score_table(table: pa.Table, cfg: Config, tokenizer: Any, scorer: Any) -> tuple[pa.Table, dict[str, Any]]:
+    """Add steps, step_token_ends and step_scores to a verified table (see the module docstring).
+    errors_found counts scored rows with a step below locate.threshold."""
     n = table.num_rows
     summary: dict[str, Any] = {"rows": n, "failed": 0, "scored": 0, "errors_found": 0, "no_steps": 0,
                                "unaligned": 0, "noise_miss": 0, "noise_shift": 0}
@@ -81,6 +83,7 @@ def score_table(table: pa.Table, cfg: Any, tokenizer: Any, scorer: Any) -> tuple
         steps_col.append(al.steps)
         ends_col.append(al.step_token_ends)
     wanted = [i for i in range(n) if cfg.prm.score == "all" or not correct[i]]
+    threshold = cfg.locate.threshold
     scores_col: list[list[float] | None] = [None] * n
     items = [item_of(rows[i], steps_col[i], texts[i]) for i in wanted]
     for i, scores in zip(wanted, scorer.score(items) if items else []):
@@ -89,14 +92,14 @@ def score_table(table: pa.Table, cfg: Any, tokenizer: Any, scorer: Any) -> tuple
         if scores is None:
             summary["unaligned"] += 1
             continue
-        scores, kind = apply_noise(scores, cfg.prm.noise, rows[i]["seed"] or 0)
+        scores, kind = apply_noise(scores, cfg.prm.noise, rows[i]["seed"] or 0, threshold)
         if kind == "miss":
             summary["noise_miss"] += 1
         elif kind is not None:
             summary["noise_shift"] += 1
         scores_col[i] = [float(s) for s in scores]
         summary["scored"] += 1
-        summary["errors_found"] += first_error(scores) is not None
+        summary["errors_found"] += first_error(scores, "threshold", threshold) is not None
     out = table
     for name, values in (("steps", steps_col), ("step_token_ends", ends_col),
                          ("step_scores", scores_col)):
@@ -154,14 +157,16 @@ def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
             skipped += 1
             continue
         items.append(item_of(row, al.steps, al.text))
-        labels.append(first_error(rule_scores(task, row["problem"], al.text, len(al.steps))))
+        # the exact checker's 0/1 scores: its first 0 is the label, whatever locate.threshold says
+        exact = rule_scores(task, row["problem"], al.text, len(al.steps))
+        labels.append(first_error(exact, "threshold", 0.5))
         seeds.append(row["seed"] or 0)
     preds = []
     for scores, seed in zip(scorer.score(items), seeds):
         if scores is None:
             preds.append(None)
             continue
-        scores, _ = apply_noise(scores, cfg.prm.noise, seed)
+        scores, _ = apply_noise(scores, cfg.prm.noise, seed, cfg.locate.threshold)
         preds.append(first_error(scores, cfg.locate.method, cfg.locate.threshold))
     metrics = processbench(preds, labels)
     report = {"round": round_, "prm": {k: cfg.get(f"prm.{k}") for k in ("backend", "path",

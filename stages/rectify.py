@@ -4,20 +4,21 @@
 
 Reads round-R/located/, writes round-R/rectified/ (schema RECTIFIED), shard N from shard N: every
 input row, plus one new row per salvaged row whose replacement verified. What replaces a salvaged
-row depends on run.algo:
+row depends on run.algo (the table REPLACEMENTS: how each algorithm makes candidate rows; one accept
+step, `admit`, for all):
 
 - scope: a rectified row = the parent's own tokens ``response_ids[:step_token_ends[f-1]]`` (f = its
   first_error_step; never re-tokenized) + the guide's continuation tokenized with the policy's
-  tokenizer (scope_cli/backends/guide.py: rectify.guide = oracle | model). ``offpolicy_start`` is
-  where the guide tokens begin, ``response_logprobs`` keeps the parent's values on the prefix and is
-  null on guide tokens, ``origin = "rectified"``, ``policy`` names the guide ("oracle:<task>" or
-  the model guide's folder name); ``kept_text`` and ``guide_text`` hold the two parts as text. The seam may be tokenized non-canonically (see
-  scope_cli/backends/steps.py). A model guide's continuation that fails re-verification is retried up to
-  rectify.max_tries times (new seeds), then dropped and counted.
+  tokenizer (scope_cli/backends/guide.py: rectify.guide = oracle | model; the splicing is
+  scope_cli/core/splice.py). ``offpolicy_start`` is where the guide tokens begin,
+  ``response_logprobs`` keeps the parent's values on the prefix and is null on guide tokens,
+  ``origin = "rectified"``, ``policy`` names the guide ("oracle:<task>" or the model guide's folder
+  name); ``kept_text`` and ``guide_text`` hold the two parts as text. The seam may be tokenized
+  non-canonically (see scope_cli/backends/steps.py). A model guide's continuation that fails
+  re-verification is retried up to rectify.max_tries times (new seeds), then dropped and counted.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
   ``offpolicy_start = 0``, ``origin = "reference"``, ``policy = "reference"``, ``kept_text = ""``,
-  logprobs all null. A prompt without one is
-  counted and its row kept as it is.
+  logprobs all null. A prompt without one is counted and its row kept as it is.
 - grpo: pass-through (origin policy, in_batch true).
 
 New rows get ``sample_idx`` = (the group's largest sample_idx + 1 + k) and ``parent_sample_idx``;
@@ -30,106 +31,132 @@ A new row joins only when it verifies (correct) and fits the policy's response b
 retried (model guide) or dropped and counted. rectify.mode = replace (the parent gets
 ``in_batch = false``) or augment (both stay; train-step trains the parent only from its first wrong
 step). Policy rows have origin "policy", parent_sample_idx, offpolicy_start, kept_text and
-guide_text null. A new row
-follows its parent in the table.
+guide_text null. A new row follows its parent in the table.
 
 Summary counters (manifest): salvaged, rectified (new rows that verified and joined), reference,
 dropped, too_long, no_reference, tries, disagreements (failed rows whose PRM found no wrong step),
-kept_prefix_frac_sum
-(tokens kept / parent tokens, summed over new rows; mean_kept_prefix_frac per shard) and
-kept_steps_frac_sum.
+and how much of its parent a rectified row kept: kept_prefix_frac_sum (tokens kept / parent tokens)
+and kept_steps_frac_sum (steps kept / parent steps), summed over rectified rows (so shards add up),
+and their means per shard, mean_kept_prefix_frac and mean_kept_steps_frac.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.guide import GuideOutput, GuideRequest
+from scope_cli.backends.guide import GuideOutput
+from scope_cli.backends.steps import load_policy_tokenizer
 from scope_cli.backends.verifier import verify_rows
-from scope_cli.core.config import config_hash
+from scope_cli.core.config import Config, config_hash
+from scope_cli.core.files import read_shard, shard_index
 from scope_cli.core.resources import StageResources, own_or_shared
 from scope_cli.core.runs import Run, row_seed
-from scope_cli.schema import LOCATED, RECTIFIED
 from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
-from scope_cli.core.files import ShardError, read_shard, shard_index
-from scope_cli.backends.steps import align_steps, decode, load_policy_tokenizer
-from scope_cli.tasks import get_task
+from scope_cli.core.splice import guide_tokens, new_row, splice_request
+from scope_cli.schema import LOCATED, RECTIFIED
 
 CONFIG_KEYS = ["rectify", "run.algo", "run.seed", "verify", "generate.backend", "generate.dtype",
                "generate.max_tokens", "generate.stop"]
 
-
-class RectifyError(ShardError):
-    """A located row that cannot be spliced as recorded: one line naming the row."""
-
-
-def _where(row: dict[str, Any]) -> str:
-    return f"located row (prompt_id {row['prompt_id']}, sample_idx {row['sample_idx']})"
+# rows -> their verify columns (pred, correct, reward, verify_status)
+Verifies = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 
-def splice_request(row: dict[str, Any], tokenizer: Any, seed: int) -> tuple[GuideRequest, int]:
-    """The guide request for a salvaged row and the token index where the guide takes over."""
-    task = get_task(row["task"])
-    ids = list(row["response_ids"] or [])
-    f = row["first_error_step"]
-    ends = row["step_token_ends"] or []
-    if f is None or not 0 <= f < len(ends):
-        raise RectifyError(f"{_where(row)}: first_error_step {f} outside its {len(ends)} steps")
-    cut = 0 if f == 0 else int(ends[f - 1])
-    if not 0 <= cut <= len(ids):
-        raise RectifyError(f"{_where(row)}: step_token_ends[{f - 1}] = {cut} outside response_ids")
-    text = decode(tokenizer, ids)
-    spans = task.split_steps(text)
-    kept_end = 0 if f == 0 else spans[f - 1][1]
-    kept_text = text[:kept_end]
-    prefix_text = decode(tokenizer, ids[:cut])
-    if not kept_text.startswith(prefix_text):
-        raise RectifyError(f"{_where(row)}: decode(response_ids[:{cut}]) is not a prefix of its first "
-                           f"{f} steps (step_token_ends from another tokenizer?)")
-    kept_steps = task.step_texts(text)[:f]
-    return GuideRequest(row=row, kept_steps=kept_steps, kept_text=kept_text,
-                        prefix_text=prefix_text, seed=seed), cut
+# ---- the replacement rows of each algorithm ---------------------------------------------------------
+@dataclass
+class Salvaged:
+    """A shard's rows, the new sample_idx and seed of each salvaged one, and what candidate rows are
+    made with: the policy's tokenizer, the guide (scope), generate.stop; `counts`: the summary."""
+
+    rows: list[dict[str, Any]]
+    sample_idx: dict[int, int]
+    seeds: dict[int, int]
+    tokenizer: Any
+    guide: Any
+    stop: Sequence[str]
+    counts: dict[str, Any]
+
+    def new_row(self, i: int, **kw: Any) -> dict[str, Any]:
+        return new_row(self.rows[i], sample_idx=self.sample_idx[i], seed=self.seeds[i],
+                       tokenizer=self.tokenizer, stop=self.stop, **kw)
 
 
-def guide_tokens(tokenizer: Any, out: GuideOutput) -> list[int]:
-    """The guide's text in the policy's tokens. Like generate's rows, a finished row does not hold
-    the end-of-sequence token (finish_reason "stop" says it ended)."""
-    return list(tokenizer.encode(out.text, add_special_tokens=False))
+def reference_rows(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
+    """The prompt's reference solution as a whole trajectory (offpolicy_start 0); a row whose prompt
+    has none gets no candidate (counted: no_reference)."""
+    out = {}
+    for i in todo:
+        reference = s.rows[i].get("solution")
+        if not reference:
+            s.counts["no_reference"] += 1
+            continue
+        ids = guide_tokens(s.tokenizer, GuideOutput(reference, "stop"))
+        out[i] = s.new_row(i, origin="reference", ids=ids, offpolicy_start=0, finish_reason="stop",
+                           guide="reference", guide_text=reference)
+    return out
 
 
-def new_row(parent: dict[str, Any], *, origin: str, sample_idx: int, seed: int, ids: list[int],
-            offpolicy_start: int, finish_reason: str, tokenizer: Any, guide: str,
-            guide_text: str, stop: Sequence[str] = ()) -> dict[str, Any]:
-    """A new row: `ids` = the parent's first offpolicy_start tokens + the tokens of `guide_text`,
-    written by the guide named `guide` (its `policy` column). A finished one ends with the policy's own
-    EOS (stop_token_id), which train-step trains on, unless a stop string (generate.stop) ended it."""
-    task = get_task(parent["task"])
-    lps = list(parent["response_logprobs"] or [])[:offpolicy_start] if offpolicy_start else []
-    al = align_steps(task, tokenizer, ids)
-    ended_by_eos = finish_reason == "stop" and not any(s and al.text.endswith(s) for s in stop)
-    kept_text = decode(tokenizer, ids[:offpolicy_start]) if offpolicy_start else ""
-    return {**parent, "sample_idx": sample_idx, "seed": seed, "response": al.text,
-            "response_ids": ids, "policy": guide, "kept_text": kept_text, "guide_text": guide_text,
-            "response_logprobs": lps + [None] * (len(ids) - offpolicy_start),
-            "finish_reason": finish_reason,
-            "stop_token_id": tokenizer.eos_token_id if ended_by_eos else None, "steps": al.steps,
-            "step_token_ends": al.step_token_ends,
-            "step_scores": None, "first_error_step": None, "salvage": False, "origin": origin,
-            "in_batch": True, "parent_sample_idx": parent["sample_idx"],
-            "offpolicy_start": offpolicy_start}
+def guide_continuations(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
+    """The parent's own tokens through its last correct step + the guide's continuation of them
+    (`attempt` k: the guide samples with a seed of its own)."""
+    requests = {i: splice_request(s.rows[i], s.tokenizer, s.seeds[i]) for i in todo}
+    outs = s.guide.continue_([requests[i][0] for i in todo], attempt)
+    s.counts["tries"] += len(todo)
+    out = {}
+    for i, guided in zip(todo, outs):
+        cut = requests[i][1]
+        ids = list(s.rows[i]["response_ids"][:cut]) + guide_tokens(s.tokenizer, guided)
+        out[i] = s.new_row(i, origin="rectified", ids=ids, offpolicy_start=cut,
+                           finish_reason=guided.finish_reason, guide=s.guide.name(s.rows[i]),
+                           guide_text=guided.text)
+    return out
 
 
-def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: Any, guide: Any,
-                 verifier: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+@dataclass(frozen=True)
+class Replacement:
+    """How an algorithm makes the candidate rows for its salvaged rows: `make(salvaged, todo,
+    attempt)` -> {row index: candidate}; `guided`: the guide writes them, so a rejected one is asked
+    again (a new seed) up to rectify.max_tries times; else they are made once."""
+
+    make: Callable[[Salvaged, list[int], int], dict[int, dict[str, Any]]]
+    guided: bool
+
+
+REPLACEMENTS: dict[str, Replacement | None] = {
+    "grpo": None,  # no replacement rows: the batch is the rollouts
+    "luffy": Replacement(reference_rows, guided=False),  # the reference solution, whole
+    "scope": Replacement(guide_continuations, guided=True),  # the kept prefix + the guide's continuation
+}
+
+
+def admit(candidates: dict[int, dict[str, Any]], verifier: Verifies, limit: int,
+          accepted: dict[int, dict[str, Any]], counts: dict[str, Any]) -> list[int]:
+    """The one accept step: re-verify the candidates; one that is right and within the policy's
+    response budget (`limit` tokens) goes into `accepted`; the others' row indexes are returned."""
+    rejected = []
+    for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
+        cand.update(cols)
+        long = len(cand["response_ids"]) > limit
+        counts["too_long"] += long
+        if cand["correct"] and not long:
+            accepted[i] = cand
+        else:
+            rejected.append(i)
+    return rejected
+
+
+def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer: Any, guide: Any,
+                 verifier: Verifies | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The training batch of a located shard (see the module docstring). `verifier(rows)` returns
     the verify columns (pred, correct, reward, verify_status) for rows with task, answer, response
     and finish_reason."""
-    algo, mode = cfg.run.algo, cfg.rectify.mode
+    replacement = REPLACEMENTS[cfg.run.algo]
     counts: dict[str, Any] = {"rows_in": len(rows), "salvaged": 0, "rectified": 0, "reference": 0,
                               "dropped": 0, "no_reference": 0, "too_long": 0, "tries": 0,
                               "disagreements": 0,
@@ -137,10 +164,12 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
     for row in rows:
         if (not row["correct"] and row.get("step_scores") and row.get("first_error_step") is None):
             counts["disagreements"] += 1
+
+    # new rows follow their group's sample indexes; each has a seed of its own
     next_idx: dict[str, int] = defaultdict(int)
     for row in rows:
         next_idx[row["prompt_id"]] = max(next_idx[row["prompt_id"]], row["sample_idx"] + 1)
-    salvaged = [i for i, row in enumerate(rows) if row.get("salvage") and algo != "grpo"]
+    salvaged = [i for i, row in enumerate(rows) if row.get("salvage") and replacement is not None]
     counts["salvaged"] = len(salvaged)
     new_idx = {}
     for i in salvaged:
@@ -148,74 +177,40 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Any, round_: int, tokenizer: A
         new_idx[i] = next_idx[pid]
         next_idx[pid] += 1
     seeds = {i: row_seed(cfg.run.seed, round_, rows[i]["prompt_id"], new_idx[i]) for i in salvaged}
-    limit = cfg.generate.max_tokens  # new rows are held to the policy's own response budget
 
+    # candidates, accepted or retried (a guide's) or dropped
     accepted: dict[int, dict[str, Any]] = {}
-
-    def admit(candidates: dict[int, dict[str, Any]]) -> list[int]:
-        """Re-verify new rows; accept the right ones within the budget; return the others' indexes."""
-        rejected = []
-        for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
-            cand.update(cols)
-            long = len(cand["response_ids"]) > limit
-            counts["too_long"] += long
-            if cand["correct"] and not long:
-                accepted[i] = cand
-            else:
-                rejected.append(i)
-        return rejected
-
-    if algo == "scope" and salvaged:
-        requests = {}
-        for i in salvaged:
-            requests[i] = splice_request(rows[i], tokenizer, seeds[i])
-        pending = list(salvaged)
-        tries = min(cfg.rectify.max_tries, getattr(guide, "max_tries", cfg.rectify.max_tries))
+    if salvaged:
+        made = Salvaged(rows, new_idx, seeds, tokenizer, guide, cfg.generate.stop, counts)
+        tries = 1
+        if replacement.guided:
+            tries = min(cfg.rectify.max_tries, getattr(guide, "max_tries", cfg.rectify.max_tries))
+        pending = salvaged
         for attempt in range(tries):
             if not pending:
                 break
-            outs = guide.continue_([requests[i][0] for i in pending], attempt)
-            counts["tries"] += len(pending)
-            candidates = {}
-            for i, out in zip(pending, outs):
-                cut = requests[i][1]
-                ids = list(rows[i]["response_ids"][:cut]) + guide_tokens(tokenizer, out)
-                candidates[i] = new_row(rows[i], origin="rectified", sample_idx=new_idx[i],
-                                        seed=seeds[i], ids=ids, offpolicy_start=cut,
-                                        finish_reason=out.finish_reason, tokenizer=tokenizer,
-                                        guide=guide.name(rows[i]), guide_text=out.text,
-                                        stop=cfg.generate.stop)
-            pending = admit(candidates)
+            candidates = replacement.make(made, pending, attempt)
+            # new rows are held to the policy's own response budget
+            pending = admit(candidates, verifier, cfg.generate.max_tokens, accepted, counts)
         counts["dropped"] = len(pending)
-        for i, cand in accepted.items():
-            parent_len = max(len(rows[i]["response_ids"] or []), 1)
-            counts["kept_prefix_frac_sum"] += cand["offpolicy_start"] / parent_len
-            counts["kept_steps_frac_sum"] += rows[i]["first_error_step"] / max(len(rows[i]["steps"] or []), 1)
-        counts["rectified"] = len(accepted)
-    elif algo == "luffy" and salvaged:
-        candidates = {}
-        for i in salvaged:
-            reference = rows[i].get("solution")
-            if not reference:
-                counts["no_reference"] += 1
-                continue
-            ids = guide_tokens(tokenizer, GuideOutput(reference, "stop"))
-            candidates[i] = new_row(rows[i], origin="reference", sample_idx=new_idx[i], seed=seeds[i],
-                                    ids=ids, offpolicy_start=0, finish_reason="stop",
-                                    tokenizer=tokenizer, guide="reference", guide_text=reference,
-                                    stop=cfg.generate.stop)
-        counts["dropped"] += len(admit(candidates))
-        counts["reference"] = len(accepted)
 
+    for i, cand in accepted.items():  # how much of its parent a spliced row kept: tokens, steps
+        if cand["origin"] == "rectified":
+            parent_tokens, parent_steps = len(rows[i]["response_ids"] or []), len(rows[i]["steps"] or [])
+            counts["kept_prefix_frac_sum"] += cand["offpolicy_start"] / max(parent_tokens, 1)
+            counts["kept_steps_frac_sum"] += rows[i]["first_error_step"] / max(parent_steps, 1)
+    counts["rectified"] = sum(cand["origin"] == "rectified" for cand in accepted.values())
+    counts["reference"] = sum(cand["origin"] == "reference" for cand in accepted.values())
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
-        replaced = i in accepted and mode == "replace"
+        replaced = i in accepted and cfg.rectify.mode == "replace"
         out.append({**row, "origin": "policy", "in_batch": not replaced, "parent_sample_idx": None,
                     "offpolicy_start": None, "kept_text": None, "guide_text": None})
         if i in accepted:
             out.append(accepted[i])
     n_new = counts["rectified"]
     counts["mean_kept_prefix_frac"] = counts["kept_prefix_frac_sum"] / n_new if n_new else None
+    counts["mean_kept_steps_frac"] = counts["kept_steps_frac_sum"] / n_new if n_new else None
     counts["rows_out"] = len(out)
     return out, counts
 

@@ -1,20 +1,18 @@
-"""prm-score: the rule PRM, injected noise, the hf backend (qwen and shepherd conventions on tiny
-PRM folders built here with the real key names), the vllm gate, the stage and --eval-against rule."""
+"""prm-score: the rule PRM, the hf backend (qwen and shepherd conventions on tiny PRM folders built
+here with the real key names), the vllm gate, the stage (noise and errors_found at locate.threshold)
+and --eval-against rule. The maths of first errors and noise: tests/test_locate.py."""
 
 import json
-from collections import Counter
 
 import pytest
 import torch
 
-from scope_cli.backends.prm import (
-    HFPrm, PrmError, PrmItem, RulePrm, apply_noise, first_error, load_prm, processbench,
-    vllm_unavailable_reason,
-)
+from scope_cli.backends.prm import HFPrm, PrmError, PrmItem, RulePrm, load_prm, vllm_unavailable_reason
 from scope_cli.core.config import Config
 from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
 from scope_cli.models.prm_train import build_prm_tokenizer, init_tiny_prm, make_prm_module, tiny_prm_config
 from scope_cli.core.files import read_stage_df
+from scope_cli.locate import first_error
 from scope_cli.tasks import arith, math
 from scope_rows import (
     NO_ANSWER, PROBLEM, RIGHT, RIGHT_2, TRUNCATED, WRONG_ANSWER, WRONG_AT_0, WRONG_AT_1, group,
@@ -48,52 +46,6 @@ def test_rule_prm_needs_an_exact_checker():
     with pytest.raises(PrmError, match="exact step checker"):
         RulePrm().score([item])
     assert math.first_error_step is None
-
-
-# ---- locating, noise, metrics --------------------------------------------------------------------
-def test_first_error_threshold_and_argmin():
-    assert first_error([0.9, 0.4, 0.1]) == 1
-    assert first_error([0.9, 0.6]) is None
-    assert first_error([0.9, 0.4, 0.1], "argmin") == 2
-    assert first_error([0.9, 0.6], "argmin") == 1
-    assert first_error([], "argmin") is None and first_error(None) is None
-    assert first_error([0.9, 0.7, 0.6], threshold=0.65) == 2
-
-
-def test_noise_is_seeded_and_moves_or_misses_the_first_error():
-    scores = [1.0, 1.0, 0.0, 0.0, 0.0]
-    kinds = Counter()
-    for seed in range(600):
-        noisy, kind = apply_noise(scores, 0.3, seed)
-        assert (noisy, kind) == apply_noise(scores, 0.3, seed)
-        kinds[kind] += 1
-        e = first_error(noisy)
-        expected = {None: 2, "miss": None, "shift-": 1, "shift+": 3}[kind]
-        assert e == expected
-    assert 0.23 < 1 - kinds[None] / 600 < 0.37
-    assert min(kinds["miss"], kinds["shift-"], kinds["shift+"]) > 20
-    # shifts never leave the steps; a row whose PRM finds no error is left alone
-    for seed in range(100):
-        assert apply_noise([0.0, 0.0], 1.0, seed)[1] in ("miss", "shift+")
-        assert apply_noise([0.2], 1.0, seed)[1] == "miss"
-        assert apply_noise([0.9, 0.8], 1.0, seed) == ([0.9, 0.8], None)
-    assert apply_noise(scores, 0.0, 1) == (scores, None)
-
-
-def test_noise_on_model_scores_keeps_them_probabilities():
-    noisy, kind = next(apply_noise([0.9, 0.3, 0.2], 1.0, s) for s in range(50)
-                       if apply_noise([0.9, 0.3, 0.2], 1.0, s)[1] == "miss")
-    assert noisy == pytest.approx([0.9, 0.7, 0.8]) and first_error(noisy) is None
-
-
-def test_processbench_metrics():
-    labels = [None, None, 1, 2, 0]
-    preds = [None, 3, 1, 1, 0]
-    m = processbench(preds, labels)
-    assert m["acc_correct"] == 0.5 and m["acc_erroneous"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
-    assert m["exact_match"] == pytest.approx(3 / 5)
-    assert processbench(labels, labels)["f1"] == 1.0
 
 
 # ---- hf: qwen convention --------------------------------------------------------------------------
@@ -313,6 +265,35 @@ def test_prm_score_all_rows_and_noise(tmp_path, policy):
     assert first_error(scores[1]) != 1 and first_error(scores[2]) != 2  # every error moved/missed
     manifest = json.loads((run.stage_dir(1, "scored") / "_manifest" / "shard-00000.json").read_text())
     assert manifest["summary"]["noise_miss"] + manifest["summary"]["noise_shift"] == 3
+
+
+class FixedScorer:
+    """Every step 0.9 but the second, 0.6: wrong at locate.threshold 0.7, right at 0.5."""
+
+    def score(self, items):
+        return [[0.6 if k == 1 else 0.9 for k in range(len(item.steps))] for item in items]
+
+
+@pytest.mark.parametrize("threshold, noise, found, perturbed", [
+    (0.5, 0.0, 0, 0), (0.7, 0.0, 3, 0), (0.5, 1.0, 0, 0), (0.7, 1.0, None, 3),
+])
+def test_noise_and_errors_found_follow_locate_threshold(threshold, noise, found, perturbed):
+    """Three failed rows with steps (3, 3 and 2 of them) and one without: at threshold 0.5 the PRM
+    finds no wrong step, so there is nothing to count or perturb; at 0.7 it finds step 1 in all three,
+    and noise 1.0 perturbs each of them."""
+    from scope_rows import verified_table
+    from stages.prm_score import score_table
+
+    cfg = Config()
+    cfg.locate.threshold, cfg.prm.noise = threshold, noise
+    table, summary = score_table(verified_table(responses_group()), cfg, build_arith_tokenizer(),
+                                 FixedScorer())
+    assert summary["scored"] == 4 and summary["noise_miss"] + summary["noise_shift"] == perturbed
+    if found is None:  # a missed error is no longer found; a shifted one is, one step off
+        found = 3 - summary["noise_miss"]
+        for scores in table.column("step_scores").to_pylist()[1:4]:
+            assert first_error(scores, "threshold", threshold) in (None, 0, 2)
+    assert summary["errors_found"] == found
 
 
 @pytest.mark.parametrize("algo", ["grpo", "luffy"])

@@ -1,5 +1,6 @@
 """rectify: spliced rows keep the parent's tokens exactly, verify, and join the batch; the LUFFY and
-GRPO controls write the same schema."""
+GRPO controls write the same schema; each algorithm's candidate rows (the replacement table) and the
+one accept step."""
 
 import random
 
@@ -101,6 +102,8 @@ def test_scope_oracle_rectifies_salvaged_rows(tmp_path, policy):
     manifest = read_manifest(run)
     assert manifest["summary"]["salvaged"] == 4 and manifest["summary"]["rectified"] == 4
     assert manifest["summary"]["dropped"] == 0 and 0 < manifest["summary"]["mean_kept_prefix_frac"] < 1
+    # steps kept / parent steps: 2 of 3 and 1 of 3 (7+5-7), 1 of 3 and 1 of 2 (3+4+2)
+    assert manifest["summary"]["mean_kept_steps_frac"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3 + 1 / 2) / 4)
     assert manifest["headline"]["num"] == "rectified"
 
 
@@ -334,3 +337,65 @@ def test_oracle_gives_no_continuation_after_a_wrong_kept_step():
     out_wrong, out_right = OracleGuide().continue_([wrong, right])
     assert out_wrong.text == ""
     assert out_right.text == "2-7=5;\\boxed{5}"
+
+
+# ---- the replacement table: one row per algorithm ---------------------------------------------------
+def located_rows(cfg, tok, rows=None):
+    from scope_cli.backends.prm import RulePrm
+    from stages.locate_error import locate_table
+    from stages.prm_score import score_table
+
+    table, _ = score_table(__import__("scope_rows").verified_table(rows or groups()), cfg, tok, RulePrm())
+    return locate_table(table, cfg)[0].to_pylist()
+
+
+def exact(rows):
+    return [{"pred": arith.extract_answer(r["response"]), "verify_status": "ok", "reward": 1.0,
+             "correct": arith.first_error_step(r["problem"], r["response"]) is None} for r in rows]
+
+
+@pytest.mark.parametrize("algo, origin, counters", [
+    ("grpo", None, {"salvaged": 0, "rectified": 0, "reference": 0, "tries": 0, "dropped": 0}),
+    ("luffy", "reference", {"salvaged": 4, "rectified": 0, "reference": 4, "tries": 0, "dropped": 0}),
+    ("scope", "rectified", {"salvaged": 4, "rectified": 4, "reference": 0, "tries": 4, "dropped": 0}),
+])
+def test_each_algorithm_makes_its_own_candidate_rows(algo, origin, counters):
+    """grpo: none; luffy: the reference solution, whole; scope: the kept prefix + the guide's text."""
+    from scope_cli.backends.guide import OracleGuide
+    from stages.rectify import REPLACEMENTS, rectify_rows
+
+    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope"}
+    cfg = Config()
+    cfg.run.algo = algo
+    tok = build_arith_tokenizer()
+    rows = located_rows(cfg, tok)
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide() if algo == "scope" else None, exact)
+    new = [r for r in out if r["origin"] != "policy"]
+    assert [r["origin"] for r in new] == [origin] * len(new)
+    assert {k: counts[k] for k in counters} == counters and len(out) == len(rows) + len(new)
+    for r in new:
+        assert (r["offpolicy_start"] == 0) == (algo == "luffy")
+    assert counts["mean_kept_steps_frac"] == (pytest.approx(11 / 24) if algo == "scope" else None)
+
+
+def test_references_are_made_once_and_a_missing_one_is_counted_not_dropped():
+    """A wrong reference is not asked for again (it would be the same); a prompt without one
+    gets no candidate."""
+    from stages.rectify import rectify_rows
+
+    cfg = Config()
+    cfg.run.algo = "luffy"
+    tok = build_arith_tokenizer()
+    rows = located_rows(cfg, tok)
+    for r in rows:
+        if r["problem"] == "3+4+2":
+            r["solution"] = None
+    calls = []
+
+    def wrong(rs):
+        calls.append(len(rs))
+        return [{"pred": None, "verify_status": "ok", "reward": 0.0, "correct": False} for _ in rs]
+
+    out, counts = rectify_rows(rows, cfg, 1, tok, None, wrong)
+    assert calls == [2] and counts["no_reference"] == 2 and counts["dropped"] == 2
+    assert counts["reference"] == 0 and len(out) == len(rows) and all(r["in_batch"] for r in out)

@@ -27,14 +27,13 @@ item (None for an item the backend could not align, or, hf, one longer than the 
   tokenizer above. vLLM's Qwen2 takes head_dim = hidden_size / heads, so a PRM with other head
   widths (the shipped tiny PRM: the policy's 4 x 32 at hidden 64) is refused with that reason.
 
-`apply_noise` perturbs a row's scores on purpose (prm.noise), `first_error` turns scores into a
-first wrong step, and `processbench` measures a PRM against exact labels.
+Turning scores into a first wrong step, the PRM noise and the ProcessBench metrics are pure maths in
+scope_cli/locate.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -85,65 +84,6 @@ def rule_scores(task: ModuleType, problem: str, text: str, n_steps: int) -> list
     first = checker(problem, text)
     cut = n_steps if first is None else min(first, n_steps)
     return [1.0] * cut + [0.0] * (n_steps - cut)
-
-
-# ---- locating and measuring -----------------------------------------------------------------------
-def first_error(scores: list[float] | None, method: str = "threshold", threshold: float = 0.5) -> int | None:
-    """0-based first wrong step: the first score below `threshold` (threshold), or the lowest-scored
-    step (argmin: the verifier already says the row is wrong; ties go to the earliest step). None when
-    there are no scores, or (threshold) when every step is at or above it."""
-    if not scores:
-        return None
-    if method == "argmin":
-        low = min(scores)
-        return scores.index(low)
-    for i, s in enumerate(scores):
-        if s < threshold:
-            return i
-    return None
-
-
-def apply_noise(scores: list[float], p: float, seed: int) -> tuple[list[float], str | None]:
-    """With probability p (drawn from the row's seed), perturb a row whose PRM finds a wrong step
-    (a score below 0.5): miss it (every score s becomes max(s, 1-s)), or shift the first error one
-    step earlier or later (the score list moves by one step, clamped at the ends). A shift that would
-    leave the steps is not drawn; a one-step row can only be missed."""
-    if p <= 0 or not scores:
-        return scores, None
-    rng = random.Random(f"prm-noise\x00{int(seed)}")
-    if rng.random() >= p:
-        return scores, None
-    e = first_error(scores, "threshold", 0.5)
-    if e is None:
-        return scores, None
-    n = len(scores)
-    kinds = ["miss"] + (["shift-"] if e - 1 >= 0 else []) + (["shift+"] if e + 1 < n else [])
-    kind = rng.choice(kinds)
-    if kind == "miss":
-        return [max(s, 1.0 - s) for s in scores], kind
-    d = 1 if kind == "shift+" else -1
-    return [scores[min(max(i - d, 0), n - 1)] for i in range(n)], kind
-
-
-def processbench(pred: list[int | None], label: list[int | None]) -> dict[str, Any]:
-    """ProcessBench-style agreement of predicted and labelled first errors (None: no error).
-
-    accuracy on erroneous samples (pred == label among labelled errors), on correct samples (pred is
-    None among label None), their harmonic mean (f1), and first-error exact match over all samples;
-    None where a metric has no samples."""
-    if len(pred) != len(label):
-        raise ValueError("pred and label differ in length")
-    err = [p == lab for p, lab in zip(pred, label) if lab is not None]
-    cor = [p is None for p, lab in zip(pred, label) if lab is None]
-    acc_err = sum(err) / len(err) if err else None
-    acc_cor = sum(cor) / len(cor) if cor else None
-    if acc_err is None or acc_cor is None:
-        f1 = None  # undefined without both kinds of sample
-    else:
-        f1 = 2 * acc_err * acc_cor / (acc_err + acc_cor) if (acc_err + acc_cor) > 0 else 0.0
-    exact = sum(p == lab for p, lab in zip(pred, label)) / len(pred) if pred else None
-    return {"samples": len(pred), "erroneous": len(err), "correct": len(cor),
-            "acc_erroneous": acc_err, "acc_correct": acc_cor, "f1": f1, "exact_match": exact}
 
 
 # ---- hf --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scope_cli.backends.prm import QWEN_STEP_TOKEN, PrmItem, first_error, processbench, qwen_text
+from scope_cli.backends.prm import QWEN_STEP_TOKEN, PrmItem, qwen_text
+from scope_cli.locate import first_error, processbench
 from scope_cli.tempfiles import honour_umask_files
 from scope_cli.tasks import arith
 
