@@ -94,7 +94,8 @@ def worker(kind: str, policy: Path, model_name: str) -> None:
 
     step = Lockstep()
     set_threads(1)
-    from scope_cli.backends.generation import HFBackend, Sampling
+    from scope_cli.backends.generation import HFBackend
+    from scope_cli.backends.engine import Sampling
     from scope_cli.backends.vllm import VLLMBackend
     from scope_cli.backends.hf import count_parameters
 
@@ -144,7 +145,7 @@ def make_50m(out: Path) -> Path:
 
 
 def compare(reps: int, models: list[str], backends: list[str], tmp: Path) -> tuple[str, list[Summary]]:
-    from scope_cli.backends.generation import vllm_available
+    from scope_cli.backends.engine import vllm_available
 
     rows, summaries, notes = [], [], []
     for model_name in models:

@@ -151,7 +151,8 @@ def bench_variant(shape: str, variant: str, device, rows, steps: int) -> dict:
 def bench_generate(device, prompts_n: int, new_tokens: int, shape: str) -> float:
     from transformers import Qwen2ForCausalLM
 
-    from scope_cli.backends.generation import HFBackend, Sampling
+    from scope_cli.backends.generation import HFBackend
+    from scope_cli.backends.engine import Sampling
     from scope_cli.models.tiny import build_arith_tokenizer
     from scope_cli.core.policy import mark_policy_complete
 

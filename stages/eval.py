@@ -46,7 +46,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.generation import GenerationBackend, Sampling
+from scope_cli.backends.engine import GenerationBackend, Sampling
 from scope_cli.backends.hf import check_policy_folder
 from scope_cli.backends.verifier import Verifier, verify_rows
 from scope_cli.console import progress_bars, rows_task

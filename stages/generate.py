@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from scope_cli.backends.generation import GenerationBackend, Sampling
+from scope_cli.backends.engine import GenerationBackend, Sampling
 from scope_cli.core.config import Config, config_hash
 from scope_cli.console import progress_bars, rows_task
 from scope_cli.core.manifests import repair_command

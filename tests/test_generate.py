@@ -12,15 +12,8 @@ import pytest
 import torch
 
 from gen_helpers import arith_prompt_ids
-from scope_cli.backends.generation import (
-    HFBackend,
-    Sampling,
-    encode_prompt,
-    pick_tokens,
-    resolve_backend,
-    row_uniforms,
-    top_k_top_p,
-)
+from scope_cli.backends.generation import HFBackend, pick_tokens, row_uniforms, top_k_top_p
+from scope_cli.backends.engine import Sampling, encode_prompt, resolve_backend
 from scope_cli.core.runs import Run, row_seed
 from scope_cli.schema import ROLLOUTS
 from scope_cli.core.files import list_shard_files, read_stage

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gen_helpers import arith_prompt_ids
-from scope_cli.backends.generation import HFBackend, Sampling, top_k_top_p
+from scope_cli.backends.generation import HFBackend, top_k_top_p
+from scope_cli.backends.engine import Sampling
 
 
 def _skip_reason():

@@ -84,7 +84,8 @@ def test_fsdp2_bf16_on_one_gpu_tracks_fp32(template):
 
 
 def test_hf_generation_on_cuda_equals_cpu(tmp_path):
-    from scope_cli.backends.generation import HFBackend, Sampling
+    from scope_cli.backends.generation import HFBackend
+    from scope_cli.backends.engine import Sampling
     from scope_cli.models.tiny import init_tiny_policy
     from scope_cli.tasks import arith
 

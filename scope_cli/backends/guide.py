@@ -98,7 +98,8 @@ class ModelGuide:
         (generate.backend, dtype, batch size, memory, length limit)."""
         from pathlib import Path
 
-        from scope_cli.backends.generation import Sampling, open_backend
+        from scope_cli.backends.generation import open_backend
+        from scope_cli.backends.engine import Sampling
 
         self.backend = open_backend(
             g.backend, Path(r.guide_path), dtype=g.dtype, batch_size=g.batch_size,
@@ -118,7 +119,7 @@ class ModelGuide:
         return guide_prompt(req.row, self.backend.tokenizer, self.sees_reference) + req.prefix_text
 
     def continue_(self, requests: list[GuideRequest], attempt: int = 0) -> list[GuideOutput]:
-        from scope_cli.backends.generation import encode_prompt
+        from scope_cli.backends.engine import encode_prompt
 
         tok = self.backend.tokenizer
         prompts = [encode_prompt(tok, self.prompt(req)) for req in requests]

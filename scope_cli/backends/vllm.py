@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scope_cli.backends.generation import (
+from scope_cli.backends.engine import (
     Completion,
     GenerationError,
     Progress,

@@ -87,7 +87,7 @@ def use_isolation(run: Run) -> bool:
     mode = run.config.round.isolate
     if mode != "auto":
         return mode == "on"
-    from scope_cli.backends.generation import resolve_backend
+    from scope_cli.backends.engine import resolve_backend
 
     if resolve_backend(run.config.generate.backend) == "vllm":
         return True

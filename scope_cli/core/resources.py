@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scope_cli.backends.generation import GenerationBackend, open_policy_engine, resolve_backend
+from scope_cli.backends.generation import open_policy_engine
+from scope_cli.backends.engine import GenerationBackend, resolve_backend
 from scope_cli.backends.verifier import Verifier
 from scope_cli.core.config import Config
 

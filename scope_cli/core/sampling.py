@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scope_cli.backends.generation import Completion, GenerationBackend, Sampling, encode_prompt
+from scope_cli.backends.engine import Completion, GenerationBackend, Sampling, encode_prompt
 from scope_cli.core.runs import row_seed
 from scope_cli.tasks import prompt_text
 

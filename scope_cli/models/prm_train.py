@@ -180,7 +180,8 @@ def sample_rollouts(policy: str | Path, problems: list[str], samples: int, *, se
     """(problem, response) pairs: `samples` completions per problem from the policy through the hf
     generation backend (what `scope generate` samples with; on the GPU where there is one), at
     `temperature` without top-k/top-p, one seed per (problem, sample)."""
-    from scope_cli.backends.generation import Sampling, encode_prompt, open_backend
+    from scope_cli.backends.generation import open_backend
+    from scope_cli.backends.engine import Sampling, encode_prompt
     from scope_cli.core.runs import row_seed
 
     backend = open_backend("hf", Path(policy), batch_size=batch_size)

@@ -215,7 +215,7 @@ def test_unreadable_generation_config_is_one_line(prepared, tmp_path):
 def test_a_huge_prompt_is_skipped_without_tokenizing_it():
     """A 10 MB prompt has at least 10 MB / (longest vocabulary entry) tokens: far over the context, so
     it is skipped before the tokenizer sees it (which would take GBs and tens of seconds)."""
-    from scope_cli.backends.generation import encode_prompt, max_token_chars
+    from scope_cli.backends.engine import encode_prompt, max_token_chars
     from scope_cli.backends.hf import load_policy
 
     _, tokenizer = load_policy(POLICY)
