@@ -14,6 +14,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -114,3 +116,27 @@ def make_temp_dir(parent: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=parent))
     honour_umask(tmp, folder=True)
     return tmp
+
+
+@contextmanager
+def folder_written_whole(dst: Path) -> Iterator[Path]:
+    """A temporary folder beside `dst` to fill. When the block ends, its files get the umask's modes
+    and it replaces `dst` in one rename (`swap_folder`); when the block fails, it is removed and a
+    failed write becomes one line (scope_cli.errors.write_failure). What a killed earlier save left
+    beside `dst` is removed first."""
+    from scope_cli.errors import write_failure
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dst.parent)
+    tmp = make_temp_dir(dst.parent, dst.name)
+    try:
+        yield tmp
+        honour_umask_files(tmp)
+        swap_folder(tmp, dst)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(exc, dst)
+        if failure is exc:
+            raise
+        raise failure from exc

@@ -211,8 +211,6 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
     """Write the optimizer's full state (safetensors), RNG state and `info` (global update count,
     world size) to `state_dir` atomically (a temp folder renamed into place). Collective under FSDP:
     every process calls it; the main process writes."""
-    import shutil
-
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -226,14 +224,9 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    from scope_cli.tempfiles import honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
-    from scope_cli.errors import write_failure
+    from scope_cli.tempfiles import folder_written_whole
 
-    state_dir = Path(state_dir)
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(state_dir.parent)  # what a killed save left behind
-    tmp = make_temp_dir(state_dir.parent, state_dir.name)
-    try:
+    with folder_written_whole(Path(state_dir)) as tmp:
         save_file(tensors, tmp / "optimizer.safetensors",
                   metadata={"param_groups": json.dumps(groups, default=list)})
         rng = {"torch": torch.get_rng_state()}
@@ -241,14 +234,6 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        honour_umask_files(tmp)
-        swap_folder(tmp, state_dir)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(exc, state_dir)
-        if failure is exc:
-            raise
-        raise failure from exc
 
 
 def read_trainer_info(state_dir: Path) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 
 from scope_cli.backends.hf import ALLOWED_SUFFIXES, PolicyError, check_policy_folder, quiet_transformers
 from scope_cli.core.manifests import damaged, policy_digests, problems, record_lists_problem
-from scope_cli.errors import json_object, read_json_object, write_failure
-from scope_cli.tempfiles import honour_umask, honour_umask_files, make_temp_dir, remove_stale_temps, swap_folder
+from scope_cli.errors import json_object, read_json_object
+from scope_cli.tempfiles import folder_written_whole
 
 POLICY_MARKER = "scope-policy.json"
 
@@ -38,20 +38,12 @@ def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = 
     check_policy_folder(src)
     if policy_complete(dst) and policy_problem(dst) is None:
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dst.parent)  # what a killed copy left behind
-    tmp = make_temp_dir(dst.parent, dst.name)
-    try:
+    with folder_written_whole(dst) as tmp:  # replaces an incomplete or damaged one
         for p in sorted(src.iterdir()):
             if p.is_file() and (p.suffix in ALLOWED_SUFFIXES or (code and p.suffix == ".py")) \
                     and p.name != POLICY_MARKER:
-                shutil.copy2(p, tmp / p.name)
-                honour_umask(tmp / p.name)  # the run's umask, not the source's mode
+                shutil.copy2(p, tmp / p.name)  # its mode becomes the run's umask's at the end
         mark_policy_complete(tmp, {"source": str(src), **policy_digests(tmp), **(info or {})})
-        swap_folder(tmp, dst)  # replaces an incomplete or damaged one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -95,25 +87,14 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
     replaced only after the new folder is complete."""
     quiet_transformers()
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent)  # what a killed save left behind
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
+    with folder_written_whole(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _portable_tokenizer_config(tmp / "tokenizer_config.json")
         stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".py")]
         if stray:
             raise PolicyError(f"{out}: refusing to save non-safetensors files {', '.join(stray)}")
-        honour_umask_files(tmp)
         mark_policy_complete(tmp, {**policy_digests(tmp), **json.loads(json.dumps(info))})
-        swap_folder(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(exc, out)
-        if failure is exc:
-            raise
-        raise failure from exc
     return out
 
 
