@@ -86,9 +86,9 @@ def test_missing_input_is_a_clear_error(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
-    import scope_cli.core.shards as shards
+    import scope_cli.core.files as files
 
-    real_write = shards.pq.write_table
+    real_write = files.pq.write_table
 
     def full_disk(table, where, **kwargs):
         Path(where).write_bytes(b"PAR1 partial")  # a partial temp file, then the disk is full
@@ -96,12 +96,12 @@ def test_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
 
     out = tmp_path / "stage"
     job = ShardJob(0, [], lambda: (pa.table({"x": [1]}), {}))
-    monkeypatch.setattr(shards.pq, "write_table", full_disk)
+    monkeypatch.setattr(files.pq, "write_table", full_disk)
     with pytest.raises(OSError, match="No space left"):
         run_shards("s", out, [job], "h", [], tmp_path, quiet=True)
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == []
     assert not manifest_path(out, 0).exists()
-    monkeypatch.setattr(shards.pq, "write_table", real_write)
+    monkeypatch.setattr(files.pq, "write_table", real_write)
     assert run_shards("s", out, [job], "h", [], tmp_path, quiet=True).computed == [0]
     assert read_shard(shard_path(out, 0)).column("x").to_pylist() == [1]
 

@@ -57,15 +57,15 @@ def no_permission(*args, **kwargs):
     ("manifest", full_disk),       # the manifest, after the shard landed
 ])
 def test_failed_shard_write(reference, tmp_path, monkeypatch, where, error):
-    import scope_cli.core.shards as shards
+    import scope_cli.core.files as files
 
     root = copy_run(reference["root"], tmp_path / "run")
     verified = Run.open(root).stage_dir(1, "verified")
     shutil.rmtree(verified)
     if where == "shard":
-        monkeypatch.setattr(shards.pq, "write_table", error)
+        monkeypatch.setattr(files.pq, "write_table", error)
     elif where == "temp":
-        monkeypatch.setattr(shards.tempfile, "mkstemp", error)
+        monkeypatch.setattr(files.tempfile, "mkstemp", error)
     else:  # the manifest's temporary file
         from pathlib import Path
 
