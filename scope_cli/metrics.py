@@ -12,7 +12,25 @@ Sampled metrics take the n samples of each prompt (n = `eval.n_samples`):
   (`task.canonical_solution`), raw and normalised as (distinct - 1) / (correct - 1) over prompts
   with at least two correct samples (0: all the same, 1: all different);
 - distinct-n: unique n-grams / all n-grams over a prompt's samples, averaged over prompts; the units
-  are steps for arith and whitespace-separated words otherwise (never characters);
+  are steps for arith and whitespace-separated words otherwise (never characters). Over all samples it
+  moves with where errors fall (failures that share a long correct prefix repeat its n-grams), so three
+  measures follow that failures cannot move, each on every prompt of the set whatever the arm:
+- distinct-n[correct]: distinct-n over correct samples only, pooled over all prompts: the sum over
+  prompts of a prompt's unique n-grams (n-grams of different prompts never count as repeats) divided
+  by the sum of its n-grams. A prompt without a correct sample adds nothing to either sum, so the
+  prompt set is every prompt of the set for every arm (no per-arm average over a subset);
+- distinct_correct@k: the expected number of distinct correct solutions among k samples drawn without
+  replacement from a prompt's n, averaged over ALL prompts (0 where none is correct). Unbiased like
+  pass@k: a distinct solution held by m of the n samples appears among k with probability
+  1 - C(n-m, k) / C(n, k); the expectation is the sum of that over distinct solutions. k = 1 is avg@1,
+  so only k >= 2 is reported;
+- strategy_entropy (arith): the entropy in bits of a prompt's correct solutions' strategies, where a
+  strategy is the order in which a solution's steps apply the signed terms (each step
+  `left<sign><digit>=result` applies the term <sign><digit>; `task.canonical_solution`, e.g. '+5,-7'):
+  log2(number of strategies) when all are equally common, 0 when one strategy or one correct sample.
+  `strategy_entropy` averages prompts with at least one correct sample (a set that differs by arm);
+  `strategy_entropy[all]` averages every prompt with 0 where none is correct (the same set for every
+  arm: it is the one to compare arms on);
 - later-error share: of the failures an exact step checker located, the share whose first wrong
   step is not the first step (index >= 1).
 
@@ -94,6 +112,35 @@ def distinct_n(token_lists: Iterable[Sequence[str]], n: int) -> float | None:
     return len(set(grams)) / len(grams)
 
 
+def distinct_n_within(groups: Iterable[Iterable[Sequence[str]]], n: int) -> float | None:
+    """Distinct-n pooled over groups (prompts): the sum of each group's unique n-grams over the sum of
+    its n-grams (an n-gram repeated in another group is not a repeat). None when there is no n-gram."""
+    unique = total = 0
+    for token_lists in groups:
+        grams = [g for tokens in token_lists for g in ngrams(tokens, n)]
+        unique += len(set(grams))
+        total += len(grams)
+    return unique / total if total else None
+
+
+def expected_distinct(multiplicities: Sequence[int], n: int, k: int) -> float:
+    """Expected number of distinct solutions among k of n samples drawn without replacement, where
+    distinct solution i is held by multiplicities[i] samples: sum_i 1 - C(n - m_i, k) / C(n, k).
+    Samples outside `multiplicities` (wrong ones) fill the rest of the n."""
+    if not 1 <= k <= n:
+        raise ValueError(f"distinct@k: need 1 <= k <= samples, got k={k}, n={n}")
+    if any(m < 1 for m in multiplicities) or sum(multiplicities) > n:
+        raise ValueError(f"distinct@k: need multiplicities >= 1 summing to at most {n}, got {list(multiplicities)}")
+    return sum(1.0 - math.comb(n - m, k) / math.comb(n, k) for m in multiplicities)
+
+
+def entropy_bits(counts: Iterable[int]) -> float:
+    """Entropy in bits of the empirical distribution with these counts; 0 for no counts."""
+    kept = [c for c in counts if c > 0]
+    total = sum(kept)
+    return -sum(c / total * math.log2(c / total) for c in kept) if total else 0.0
+
+
 def later_error_share(first_error_steps: Iterable[int | None]) -> float | None:
     """Of failures with a located first wrong step (None: not located), the share past step index 0."""
     located = [s for s in first_error_steps if s is not None]
@@ -128,8 +175,10 @@ def answer_key(task: Any, pred: str | None) -> str | None:
     return normalise(str(pred)) or None
 
 
-# tasks whose distinct-n counts steps rather than words
+# tasks whose distinct-n counts steps rather than words, and whose canonical solution is a strategy (the
+# order the terms are applied in; any order is correct)
 STEP_UNIT_TASKS = ("arith",)
+STRATEGY_TASKS = ("arith",)
 
 
 def diversity_units(task: Any, response: str) -> list[str]:
@@ -214,9 +263,34 @@ def sampled_metrics(rows: Sequence[dict[str, Any]], task_of: Callable[[str], Any
                      for g in groups.values())
         if value is not None:
             out[f"distinct-{n_gram}"] = value
+    out.update(correct_diversity(groups, task_of, n, ks))
     share = later_error_share(r.get("first_error_step") for r in rows if not r["correct"])
     if share is not None:
         out["later_error_share"] = share
+    return out
+
+
+def correct_diversity(groups: dict[str, list[dict[str, Any]]], task_of: Callable[[str], Any], n: int,
+                      ks: Sequence[int]) -> dict[str, float]:
+    """The diversity measures over correct samples (module docstring), from n samples per prompt."""
+    out: dict[str, float] = {}
+    correct = {p: [r for r in g if r["correct"]] for p, g in groups.items()}
+    for n_gram in DISTINCT_NS:
+        value = distinct_n_within(([diversity_units(task_of(r["task"]), r["response"]) for r in rows]
+                                   for rows in correct.values()), n_gram)
+        if value is not None:
+            out[f"distinct-{n_gram}[correct]"] = value
+    solutions = {p: Counter(r["canonical_solution"] for r in rows) for p, rows in correct.items()}
+    for k in ks:
+        if 2 <= k <= n:
+            out[f"distinct_correct@{k}"] = mean(expected_distinct(list(c.values()), n, k)
+                                                for c in solutions.values())
+    if all(r["task"] in STRATEGY_TASKS for g in groups.values() for r in g):
+        entropies = {p: entropy_bits(c.values()) for p, c in solutions.items()}
+        some = [h for p, h in entropies.items() if correct[p]]
+        if some:
+            out["strategy_entropy"] = mean(some)
+        out["strategy_entropy[all]"] = mean(entropies.values())
     return out
 
 

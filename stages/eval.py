@@ -29,7 +29,9 @@ policy are checked against their manifests before they are used.
 
 Metrics (scope_cli/metrics.py): greedy_acc; avg@1; pass@k and maj@k for k in eval.ks up to
 eval.n_samples; accuracy by difficulty (``greedy_acc[difficulty=3]``, ``avg@1[difficulty=3]``);
-distinct_correct, distinct_correct_norm, distinct-1, distinct-2; later_error_share and
+distinct_correct, distinct_correct_norm, distinct-1, distinct-2; the diversity that failures cannot
+move, on every prompt of the set: distinct-1[correct], distinct-2[correct], distinct_correct@k (k >= 2
+in eval.ks), strategy_entropy and strategy_entropy[all] (arith); later_error_share and
 greedy_later_error_share (tasks with an exact step checker).
 
 Sampling seeds are row_seed(run.seed, EVAL_SEED_ROUND, prompt_id, sample_idx): the same seeds every

@@ -9,7 +9,9 @@ from scope_cli.core.runs import training_metrics
 from scope_cli.models.tiny import init_tiny_policy
 from scope_cli.core.policy import copy_policy
 from scope_cli.core.runs import Run, row_seed
+from scope_cli.metrics import sampled_metrics
 from scope_cli.schema import EVAL_SUMMARY, TRAIN_METRICS, conform
+from scope_cli.tasks import get_task
 from scope_cli.core.files import write_parquet_atomic
 from scope_cli.cli.status import headline, stage_summary
 from stages.eval import EVAL_SAMPLES, EVAL_SEED_ROUND, EvalError, evaluate, should_eval
@@ -49,6 +51,12 @@ def test_eval_writes_tables_and_summary(tiny_run):
     pass_k = [metrics[("heldout", f"pass@{k}")] for k in (1, 4, 8)]
     assert 0.0 <= pass_k[0] <= pass_k[1] <= pass_k[2] <= 1.0
     assert metrics[("heldout", "pass@1")] == pytest.approx(metrics[("heldout", "avg@1")])
+    # the diversity measures over correct samples sit next to distinct-n, as the samples give them
+    sampled_rows = pq.read_table(out / "heldout-sampled.parquet").to_pylist()
+    again = sampled_metrics(sampled_rows, get_task, ks=run.config.eval.ks)
+    for name in ("distinct_correct@4", "distinct_correct@8", "strategy_entropy[all]"):
+        assert metrics[("heldout", name)] == again[name], name
+    assert 0.0 <= metrics[("heldout", "distinct_correct@4")] <= metrics[("heldout", "distinct_correct@8")] <= 8
 
     greedy = pq.read_table(out / "heldout-greedy.parquet")
     sampled = pq.read_table(out / "heldout-sampled.parquet")

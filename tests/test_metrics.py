@@ -5,8 +5,9 @@ import math
 import pytest
 
 from scope_cli.metrics import (
-    answer_key, distinct_n, distinct_ratio, diversity_units, greedy_metrics, later_error_share,
-    maj_at_k, majority_correct, pass_at_k, sampled_metrics, summary_table,
+    answer_key, distinct_n, distinct_n_within, distinct_ratio, diversity_units, entropy_bits,
+    expected_distinct, greedy_metrics, later_error_share, maj_at_k, majority_correct, pass_at_k,
+    sampled_metrics, summary_table,
 )
 from scope_cli.schema import EVAL_SUMMARY
 from scope_cli.tasks import arith, get_task
@@ -78,6 +79,59 @@ def test_distinct_n_counts_units_not_characters():
     assert diversity_units(math_task, "so x = 2\n\nthus") == ["so", "x", "=", "2", "thus"]
 
 
+def test_shared_prefixes_fool_distinct_2_not_the_correct_measures():
+    """The issue's case: two samples sharing 4 steps then differing score 0.625 on distinct-2 (5 unique
+    of 8 step pairs), two diverging at step 0 score 1.0."""
+    shared = [["s1", "s2", "s3", "s4", "a5"], ["s1", "s2", "s3", "s4", "b5"]]
+    apart = [["a1", "a2", "a3", "a4", "a5"], ["b1", "b2", "b3", "b4", "b5"]]
+    assert distinct_n(shared, 2) == pytest.approx(5 / 8)
+    assert distinct_n(apart, 2) == 1.0
+    # as two distinct solutions (multiplicity 1 each of n = 2) or two strategies, both are the same
+    assert expected_distinct([1, 1], 2, 2) == expected_distinct([1, 1], 2, 2) == 2.0
+    assert entropy_bits([1, 1]) == 1.0
+
+
+def test_distinct_n_within_pools_prompts_without_cross_prompt_repeats():
+    # prompt A: (x,y) (y,z) | (x,y): 2 unique of 3; prompt B repeats A's pair but that is not a repeat:
+    # (x,y): 1 of 1; prompt C has no correct sample (no lists) and adds nothing
+    groups = [[["x", "y", "z"], ["x", "y"]], [["x", "y"]], []]
+    assert distinct_n_within(groups, 2) == pytest.approx(3 / 4)
+    assert distinct_n_within(groups, 1) == pytest.approx((3 + 2) / (5 + 2))
+    assert distinct_n_within([[], [["a"]]], 2) is None  # no pair anywhere
+
+
+@pytest.mark.parametrize("mults, n, k, expected", [
+    ([], 8, 4, 0.0),  # nothing correct
+    ([8], 8, 1, 1.0),  # one solution held by every sample
+    ([8], 8, 8, 1.0),
+    ([1, 1], 2, 2, 2.0),
+    ([1], 4, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    ([2, 1], 4, 2, (1 - 1 / 6) + (1 - 3 / 6)),  # C(2,2)=1, C(3,2)=3 over C(4,2)=6
+    ([2, 1], 4, 1, 3 / 4),  # k = 1: the fraction correct (avg@1)
+    ([3, 1, 1], 8, 8, 3.0),  # k = n: the number of distinct correct solutions
+    ([1, 1, 1, 1], 8, 4, 4 * (1 - 35 / 70)),  # C(7,4) = 35, C(8,4) = 70
+])
+def test_expected_distinct_hand_values(mults, n, k, expected):
+    assert expected_distinct(mults, n, k) == pytest.approx(expected)
+
+
+def test_expected_distinct_rejects_bad_counts():
+    with pytest.raises(ValueError):
+        expected_distinct([3, 2], 4, 2)  # 5 correct of 4
+    with pytest.raises(ValueError):
+        expected_distinct([1], 4, 5)
+    with pytest.raises(ValueError):
+        expected_distinct([0], 4, 2)
+
+
+@pytest.mark.parametrize("counts, bits", [
+    ([], 0.0), ([5], 0.0), ([1, 1], 1.0), ([1, 1, 1, 1], 2.0), ([2, 1, 1], 1.5),
+    ([3, 1], -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))),  # 0.8113
+])
+def test_entropy_bits_hand_values(counts, bits):
+    assert entropy_bits(counts) == pytest.approx(bits)
+
+
 def test_later_error_share():
     assert later_error_share([0, 2, None, 1, 0]) == pytest.approx(0.5)  # located: 0 2 1 0
     assert later_error_share([None, None]) is None
@@ -131,6 +185,42 @@ def test_sampled_metrics_on_a_hand_built_table():
     assert m["distinct-2"] == pytest.approx((6 / 8 + 5 / 7) / 2)
     # failures' first errors: 1 | 0, 1, 1, 3 -> 4 of 5 after the first step
     assert m["later_error_share"] == pytest.approx(0.8)
+    # correct samples only (A's rows 0-2; B none): steps 1+2=3 3+3=6 \boxed{6} twice, 1+3=4 4+2=6 \boxed{6}
+    # -> 5 unique of 9 steps (\boxed{6} is shared); pairs 4 unique of 6
+    assert m["distinct-1[correct]"] == pytest.approx(5 / 9)
+    assert m["distinct-2[correct]"] == pytest.approx(4 / 6)
+    # A: orders +2,+3 (x2) and +3,+2 (x1) of n = 4; B: 0
+    assert m["distinct_correct@2"] == pytest.approx(((1 - 1 / 6) + (1 - 3 / 6) + 0) / 2)
+    assert m["distinct_correct@4"] == pytest.approx((2 + 0) / 2)
+    assert "distinct_correct@1" not in m  # that is avg@1
+    h = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))  # 0.918 bits
+    assert m["strategy_entropy"] == pytest.approx(h)  # over A only
+    assert m["strategy_entropy[all]"] == pytest.approx(h / 2)  # B counts 0
+
+
+def test_where_failures_err_moves_distinct_2_only():
+    """Two arms with the same correct samples on 0+1+2+3+4+5; their two failures share 4 correct steps
+    in one arm and diverge at step 0 in the other. distinct-2 differs; the correct-sample measures
+    do not."""
+    p = "0+1+2+3+4+5"
+    right = ["0+1=1;1+2=3;3+3=6;6+4=0;0+5=5;\\boxed{5}", "0+5=5;5+4=9;9+3=2;2+2=4;4+1=5;\\boxed{5}"]
+    late = ["0+1=1;1+2=3;3+3=6;6+4=0;0+5=6;\\boxed{6}", "0+1=1;1+2=3;3+3=6;6+4=0;0+5=7;\\boxed{7}"]
+    early = ["0+1=2;2+2=4;4+3=7;7+4=1;1+5=6;\\boxed{6}", "0+2=3;3+1=4;4+3=7;7+4=1;1+5=6;\\boxed{6}"]
+
+    def arm(failures):
+        return sampled_metrics([_row("P", i, p, "5", text, 6) for i, text in enumerate(right + failures)],
+                               get_task, ks=(2, 4))
+
+    a, b = arm(late), arm(early)
+    assert [arith.first_error_step(p, t) for t in late + early] == [4, 4, 0, 0]
+    assert a["avg@1"] == b["avg@1"] == 0.5
+    assert a["distinct-2"] < b["distinct-2"]
+    for name in ("distinct-1[correct]", "distinct-2[correct]", "distinct_correct@2", "distinct_correct@4",
+                 "strategy_entropy", "strategy_entropy[all]"):
+        assert a[name] == b[name], name
+    assert a["distinct-2[correct]"] == 1.0  # the two correct solutions share no step pair
+    assert a["distinct_correct@4"] == 2.0 and a["strategy_entropy"] == 1.0
+    assert a["distinct_correct@2"] == pytest.approx(2 * (1 - 3 / 6))  # each: 1 - C(3,2)/C(4,2)
 
 
 def test_sampled_metrics_needs_equal_groups():

@@ -250,7 +250,8 @@ def eval_(
     sets = {name: values for name, values in result["metrics"].items() if name != "train"}
     shown = ("greedy_acc", "avg@1", *(f"pass@{k}" for k in the_run.config.eval.ks),
              *(f"maj@{k}" for k in the_run.config.eval.ks), "distinct_correct_norm", "distinct-2",
-             "later_error_share")
+             "distinct-2[correct]", *(f"distinct_correct@{k}" for k in the_run.config.eval.ks if k >= 2),
+             "strategy_entropy[all]", "later_error_share")
     table = Table(title=f"eval {result['policy'].name} -> {result['dir']}")
     table.add_column("metric")
     for name in sets:
