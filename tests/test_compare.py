@@ -1,16 +1,37 @@
+import math
+
 import pytest
 
-from scope_cli.cli.compare import mean_ci, t_quantile, to_markdown
+from scope_cli.cli.compare import mean_ci, t_central, t_quantile, to_markdown
+
+
+@pytest.mark.parametrize("df, quantile", [
+    # the 0.975 quantiles of Student's t (published tables, 9 digits)
+    (1, 12.706204736), (2, 4.302652730), (3, 3.182446305), (5, 2.570581836), (10, 2.228138852),
+    (11, 2.200985160), (30, 2.042272456), (40, 2.021075390), (60, 2.000297822), (120, 1.979930405),
+])
+def test_t_quantile_is_exact(df, quantile):
+    # bisection to double precision on a closed-form CDF: the error is the table's rounding
+    assert t_quantile(df) == pytest.approx(quantile, abs=1e-6)
+    assert t_central(quantile, df) == pytest.approx(0.95, abs=1e-8)
+
+
+def test_t_quantile_edges():
+    assert math.isnan(t_quantile(0))
+    assert t_central(0.0, 7) == 0.0
+    assert t_central(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| < 1) = 2 atan(1) / pi
+    assert t_central(2.0, 2) == pytest.approx(2 / math.sqrt(6))  # df 2: t / sqrt(2 + t^2)
+    assert t_quantile(1, coverage=0.5) == pytest.approx(1.0)
+    assert 1.959964 < t_quantile(100000) < t_quantile(1000) < 1.9624  # towards the normal 1.959964
 
 
 def test_mean_ci_hand_computed():
-    # values 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t(2) = 4.303 -> half width 2.484
+    # values 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t(2) = 4.302653 -> half width 2.484138
     mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0
-    assert lo == pytest.approx(2 - 4.303 / 3 ** 0.5, abs=1e-9)
-    assert hi == pytest.approx(2 + 4.303 / 3 ** 0.5, abs=1e-9)
+    assert lo == pytest.approx(2 - 4.302652730 / 3 ** 0.5, abs=1e-6)
+    assert hi == pytest.approx(2 + 4.302652730 / 3 ** 0.5, abs=1e-6)
     assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
-    assert t_quantile(40) == 1.96 and t_quantile(11) == t_quantile(10)
 
 
 def test_markdown_table_has_arms_and_paired_differences():

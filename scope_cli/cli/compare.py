@@ -26,18 +26,40 @@ import time
 from pathlib import Path
 from typing import Any
 
-# two-sided 95% Student-t quantiles by degrees of freedom (normal beyond 30)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+def t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer df > 0, in closed form (Abramowitz & Stegun 26.7.3-4):
+    with th = atan(t / sqrt(df)), odd df: (2/pi)(th + sin th (cos th + 2/3 cos^3 th + ...)), even df:
+    sin th (1 + 1/2 cos^2 th + 1*3/(2*4) cos^4 th + ...), up to the cos^(df-2) th term."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:
+        term, total = math.cos(theta), 0.0
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * j) / (2 * j + 1)
+        return 2 / math.pi * (theta + s * total)
+    term, total = 1.0, 0.0
+    for j in range(1, df // 2 + 1):
+        total += term
+        term *= c2 * (2 * j - 1) / (2 * j)
+    return s * total
 
 
-def t_quantile(df: int) -> float:
+def t_quantile(df: int, coverage: float = 0.95) -> float:
+    """The half-width multiplier of a two-sided `coverage` t-interval with df degrees of freedom (the
+    (1 + coverage) / 2 quantile, 2.0423 for df = 30, 1.9799 for 120), by bisection on `t_central`;
+    nan for df <= 0."""
     if df <= 0:
         return float("nan")
-    if df > 30:
-        return 1.96
-    best = max(k for k in T975 if k <= df)
-    return T975[best]
+    low, high = 0.0, 1.0
+    while t_central(high, df) < coverage:
+        low, high = high, high * 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        if mid in (low, high):
+            break
+        low, high = (mid, high) if t_central(mid, df) < coverage else (low, mid)
+    return (low + high) / 2
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
