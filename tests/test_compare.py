@@ -1,8 +1,17 @@
 import math
 
+import pyarrow.parquet as pq
 import pytest
 
-from scope_cli.cli.compare import mean_ci, t_central, t_quantile, to_markdown
+from typer.testing import CliRunner
+
+from scope_cli.cli.app import app
+from scope_cli.cli.compare import (
+    Arm, check_arms, mean_ci, paired_columns, parse_arms, split_items, summarise, t_central, t_quantile,
+    to_markdown,
+)
+from scope_cli.errors import ScopeError
+from scope_cli.metrics import summary_table
 
 
 @pytest.mark.parametrize("df, quantile", [
@@ -32,6 +41,93 @@ def test_mean_ci_hand_computed():
     assert lo == pytest.approx(2 - 4.302652730 / 3 ** 0.5, abs=1e-6)
     assert hi == pytest.approx(2 + 4.302652730 / 3 ** 0.5, abs=1e-6)
     assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("values, arms", [
+    (["grpo,luffy,scope"], [Arm("grpo", "grpo"), Arm("luffy", "luffy"), Arm("scope", "scope")]),
+    (["grpo, scope ,"], [Arm("grpo", "grpo"), Arm("scope", "scope")]),
+    (["grpo,scope,scope-split=scope,train.advantage=grpo_split"],
+     [Arm("grpo", "grpo"), Arm("scope", "scope"), Arm("scope-split", "scope", ("train.advantage=grpo_split",))]),
+    # repeated --algos, `;` between arms, two settings, a list value with commas
+    (["grpo", "model=scope,rectify.guide=model,eval.ks=[1, 4, 8];scope"],
+     [Arm("grpo", "grpo"), Arm("model", "scope", ("rectify.guide=model", "eval.ks=[1, 4, 8]")),
+      Arm("scope", "scope")]),
+    (["scope,train.advantage=grpo_split"], [Arm("scope", "scope", ("train.advantage=grpo_split",))]),
+])
+def test_parse_arms(values, arms):
+    assert parse_arms(values) == arms
+    assert parse_arms([";".join(a.spec for a in arms)]) == arms  # the spec reads back as the arm
+
+
+@pytest.mark.parametrize("values, message", [
+    (["train.advantage=grpo_split,scope"], "comes before any arm"),
+    (["grpo,grpo"], "arm 'grpo' given twice"),
+    (["a=grpo,a=scope"], "arm 'a' given twice"),
+    (["scope,run.algo=grpo"], "give the algorithm as name=algo"),
+    (["scope,run.seed=3"], "use --seeds"),
+    (["my arm=scope"], "arm name 'my arm'"),
+    ([""], "no arm given"),
+])
+def test_parse_arms_rejects(values, message):
+    with pytest.raises(ScopeError, match=message):
+        parse_arms(values)
+
+
+def test_split_items_keeps_brackets_and_quotes():
+    assert split_items('a=b,x.y=[1, 2],z.w="p,q";c') == ["a=b", "x.y=[1, 2]", 'z.w="p,q"', "c"]
+
+
+def test_check_arms_goes_through_the_config():
+    check_arms(parse_arms(["grpo,scope-split=scope,train.advantage=grpo_split"]), None, [])
+    with pytest.raises(ScopeError, match=r"arm 'x': unknown key 'advantge' .*did you mean 'train.advantage'"):
+        check_arms([Arm("x", "scope", ("train.advantge=grpo_split",))], None, [])
+    with pytest.raises(ScopeError, match=r"arm 'x': train.advantage: expected one of"):
+        check_arms([Arm("x", "scope", ("train.advantage=nope",))], None, [])
+    with pytest.raises(ScopeError, match=r"arm 'x': unknown algorithm 'scoep'.*did you mean 'scope'"):
+        check_arms([Arm("x", "scoep")], None, [])
+    # the arm's settings come after --set
+    check_arms([Arm("x", "scope", ("generate.n=4",))], None, ["generate.n=0"])
+
+
+def test_compare_refuses_a_bad_arm_in_one_line_before_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCOPE_RUNS_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["compare", "--algos", "grpo,s=scope,train.advantge=grpo_split"])
+    assert result.exit_code == 2
+    assert "did you mean 'train.advantage'" in result.output
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("names, pairs", [
+    (["grpo", "luffy", "scope"], [("luffy", "grpo"), ("scope", "grpo"), ("scope", "luffy")]),
+    (["grpo", "scope"], [("scope", "grpo")]),
+    (["scope", "vppo", "scope-split"], [("scope", "vppo"), ("scope", "scope-split")]),
+    (["grpo", "dapo"], [("dapo", "grpo")]),
+    (["luffy", "vppo"], []),
+])
+def test_every_arm_is_paired_against_grpo_and_scope(names, pairs):
+    assert paired_columns(names) == pairs
+
+
+def test_summarise_pairs_arms_per_seed(tmp_path):
+    """Hand-made eval summaries of three arms (one with a hyphen) over two seeds at round 2."""
+    values = {("grpo", 0): 0.50, ("grpo", 1): 0.40, ("scope", 0): 0.60, ("scope", 1): 0.45,
+              ("scope-split", 0): 0.55, ("scope-split", 1): 0.55}
+    for (arm, seed), value in values.items():
+        for round_, v in ((1, 0.0), (2, value)):
+            path = tmp_path / f"t-{arm}-s{seed}" / f"round-{round_:03d}" / "eval" / "summary.parquet"
+            path.parent.mkdir(parents=True)
+            pq.write_table(summary_table(round_, "p", "heldout", {"avg@1": v}), path)
+    table = summarise("t", ["grpo", "scope", "scope-split"], [0, 1], 2, tmp_path)
+    rows = {r["arm"]: r for r in table}
+    assert list(rows) == ["grpo", "scope", "scope-split", "scope-grpo", "scope-split-grpo", "scope-scope-split"]
+    assert rows["scope"]["mean"] == pytest.approx(0.525) and rows["scope"]["seeds"] == 2
+    # paired per seed: scope - grpo = 0.10, 0.05; scope-split - grpo = 0.05, 0.15; scope - scope-split =
+    # 0.05, -0.10; two values d1, d2: half width t(1) * |d1 - d2| / 2
+    for arm, d in (("scope-grpo", (0.10, 0.05)), ("scope-split-grpo", (0.05, 0.15)),
+                   ("scope-scope-split", (0.05, -0.10))):
+        half = 12.706204736 * abs(d[0] - d[1]) / 2
+        assert rows[arm]["mean"] == pytest.approx(sum(d) / 2)
+        assert rows[arm]["ci_high"] - rows[arm]["mean"] == pytest.approx(half, abs=1e-5)
 
 
 def test_markdown_table_has_arms_and_paired_differences():
@@ -70,13 +166,20 @@ def test_compare_end_to_end(tmp_path):
     )
     env = {**os.environ, "SCOPE_RUNS_DIR": str(tmp_path / "runs")}
     done = subprocess.run([sys.executable, "-m", "scope_cli.cli.app", "compare", "--rounds", "1", "--seeds", "1",
-                           "--name", "t", "--jobs", "2", "--config", str(config)],
+                           "--name", "t", "--jobs", "2", "--config", str(config), "--algos", "grpo,scope",
+                           "--algos", "split=scope,train.advantage=grpo_split"],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "runs" / "t-compare"
     table = pl.read_parquet(out / "table.parquet")
-    assert set(table["arm"]) == {"grpo", "luffy", "scope", "scope-grpo", "scope-luffy"}
+    assert set(table["arm"]) == {"grpo", "scope", "split", "scope-grpo", "split-grpo", "scope-split"}
     greedy = table.filter(pl.col("eval_set") == "heldout", pl.col("metric") == "greedy_acc")
-    assert greedy.height == 5 and greedy["seeds"].to_list() == [1] * 5
+    assert greedy.height == 6 and greedy["seeds"].to_list() == [1] * 6
+    # the arm ran with its own setting, the others with the default
+    from scope_cli.core.runs import Run
+
+    assert Run.open(tmp_path / "runs" / "t-split-s0").config.train.advantage == "grpo_split"
+    assert Run.open(tmp_path / "runs" / "t-scope-s0").config.train.advantage == "grpo"
+    assert "split=scope,train.advantage=grpo_split" in (out / "table.md").read_text().splitlines()[0]
     assert (out / "curves.png").stat().st_size > 10_000
     assert "| heldout | greedy_acc |" in (out / "table.md").read_text()

@@ -1,16 +1,25 @@
-"""`scope compare`: the miniature experiment — GRPO vs LUFFY vs SCOPE from the same start.
+"""`scope compare`: the miniature experiment — GRPO vs LUFFY vs SCOPE (or any arms) from the same start.
 
     scope compare --name mini --rounds 20 --seeds 3 [--config configs/hard.toml] [--set k=v ...]
+    scope compare --algos grpo,scope,scope-split=scope,train.advantage=grpo_split ...
 
-For every (algo, seed) it creates the run `<name>-<algo>-s<seed>` (same base policy, same prompt stream:
+An arm is a `run.algo` value (`grpo`: the arm named grpo) or `name=algo` followed by its own settings
+`section.key=value`: a comma-separated item whose left side has a dot is a setting of the arm before
+it, any other item starts an arm. `--algos` may be repeated (each value is such a list; `;` separates
+like `,`); arm settings go through the config's override path after `--config` and `--set`, and every
+arm is checked before anything runs (an unknown key is one line naming the nearest).
+
+For every (arm, seed) it creates the run `<name>-<arm>-s<seed>` (same base policy, same prompt stream:
 the prompts depend on prepare.seed and the round slices on run.seed, so arms with the same seed see the
 same prompts in the same order) and brings it to round N with `scope round`, running the arms as
 parallel single-thread processes. Then it reads each run's last eval summary and writes, under
 runs/<name>-compare/:
 
-  table.md / table.parquet   per metric and algo: mean over seeds with a 95% t-interval; paired
-                             per-seed differences SCOPE − GRPO and SCOPE − LUFFY with their intervals
-  curves.png                 the main metrics against optimizer updates, mean over seeds per algo
+  table.md / table.parquet   per metric and arm: mean over seeds with a 95% t-interval; paired
+                             per-seed differences `A-grpo` (A − grpo) for every arm A but grpo and
+                             `scope-A` (scope − A) for every arm A but grpo and scope, where arms
+                             named grpo and scope are present, with their intervals
+  curves.png                 the main metrics against optimizer updates, mean over seeds per arm
 
 Arms that already finished are not rerun (every stage skips done work), so an interrupted compare
 resumes where it stopped.
@@ -18,13 +27,19 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scope_cli.core.config import ConfigError, key_choices, load_config
+from scope_cli.errors import ScopeError
 
 def t_central(t: float, df: int) -> float:
     """P(|T| < t) for Student's t with integer df > 0, in closed form (Abramowitz & Stegun 26.7.3-4):
@@ -75,11 +90,107 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def arm_name(name: str, algo: str, seed: int) -> str:
-    return f"{name}-{algo}-s{seed}"
+# ---- arms ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: its name (in run names and the table), its `run.algo` and its own
+    `section.key=value` settings (applied after the comparison's --config and --set)."""
+    name: str
+    algo: str
+    settings: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> str:
+        """How --algos writes it: `algo` or `name=algo`, then its settings."""
+        head = self.algo if self.name == self.algo else f"{self.name}={self.algo}"
+        return ",".join([head, *self.settings])
 
 
-def run_arms(name: str, algos: list[str], seeds: list[int], rounds: int, config: str | None,
+REFERENCE_ARMS = ("grpo", "scope")  # every other arm is paired against the arms with these names
+_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_OWN_KEYS = ("run.algo", "run.seed")  # compare sets these per arm and seed
+
+
+def split_items(text: str) -> list[str]:
+    """Split on `,` and `;` outside brackets and quotes (a setting's value may be a list `[1, 4]`)."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch in ",;" and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_arms(values: list[str]) -> list[Arm]:
+    """Arms from `--algos` values: `grpo,luffy,scope` or `grpo,scope-split=scope,train.advantage=grpo_split`
+    (an item `section.key=value` is a setting of the arm before it, in the same value)."""
+    arms: list[Arm] = []
+    for value in values:
+        current: Arm | None = None
+        for item in split_items(value):
+            left, eq, right = item.partition("=")
+            left, right = left.strip(), right.strip()
+            if eq and "." in left:
+                if current is None:
+                    raise ScopeError(f"--algos {value!r}: setting {item!r} comes before any arm "
+                                     "(write name=algo,section.key=value)")
+                if left in _OWN_KEYS:
+                    raise ScopeError(f"--algos arm '{current.name}': {left} is set by compare "
+                                     f"({'give the algorithm as name=algo' if left == 'run.algo' else 'use --seeds'})")
+                current = Arm(current.name, current.algo, (*current.settings, f"{left}={right}"))
+                arms[-1] = current
+                continue
+            name, algo = (left, right) if eq else (left, left)
+            if not _ARM_NAME.match(name):
+                raise ScopeError(f"--algos: arm name {name!r} must be letters, digits, _ or - "
+                                 "(a setting is section.key=value)")
+            if any(a.name == name for a in arms):
+                raise ScopeError(f"--algos: arm '{name}' given twice")
+            current = Arm(name, algo)
+            arms.append(current)
+    if not arms:
+        raise ScopeError("--algos: no arm given (e.g. --algos grpo,luffy,scope)")
+    return arms
+
+
+def check_arms(arms: list[Arm], config: str | None, overrides: list[str]) -> None:
+    """Every arm's algorithm is a `run.algo` value and its config (--config < --set < its settings)
+    loads and validates; one line naming the arm otherwise."""
+    algos = key_choices("run.algo")
+    for arm in arms:
+        if arm.algo not in algos:
+            close = difflib.get_close_matches(arm.algo, algos, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ScopeError(f"--algos arm '{arm.name}': unknown algorithm '{arm.algo}' "
+                             f"(run.algo is one of {', '.join(algos)}){hint}")
+        try:
+            load_config(config, [*overrides, *arm.settings, f"run.algo={arm.algo}"])
+        except ConfigError as exc:
+            raise ScopeError(f"--algos arm '{arm.name}': {exc}") from None
+
+
+def paired_columns(names: list[str]) -> list[tuple[str, str]]:
+    """(a, b) for the paired differences a − b: every arm against grpo (A − grpo), then scope against
+    every other arm (scope − A), for the reference arms that are present."""
+    pairs = [(a, "grpo") for a in names if a != "grpo" and "grpo" in names]
+    pairs += [("scope", a) for a in names if a not in REFERENCE_ARMS and "scope" in names]
+    return pairs
+
+
+def arm_name(name: str, arm: str, seed: int) -> str:
+    return f"{name}-{arm}-s{seed}"
+
+
+def run_arms(name: str, arms: list[Arm], seeds: list[int], rounds: int, config: str | None,
              overrides: list[str], jobs: int, runs_dir: Path) -> dict[str, int]:
     """Prepare and run every arm to `rounds`, `jobs` at a time; returns exit codes by arm."""
     from scope_cli.console import make_console
@@ -89,10 +200,10 @@ def run_arms(name: str, algos: list[str], seeds: list[int], rounds: int, config:
     scope = [sys.executable, "-m", "scope_cli.cli.app"]
     pending = []
     for seed in seeds:
-        for algo in algos:
-            run = arm_name(name, algo, seed)
+        for arm in arms:
+            run = arm_name(name, arm.name, seed)
             args = ["--run", run, *(["--config", config] if config else [])]
-            sets = [*overrides, f"run.algo={algo}", f"run.seed={seed}"]
+            sets = [*overrides, *arm.settings, f"run.algo={arm.algo}", f"run.seed={seed}"]
             args += [x for s in sets for x in ("--set", s)]
             script = (f"{' '.join(map(_q, scope))} prepare {' '.join(map(_q, args))} --quiet && "
                       f"{' '.join(map(_q, scope))} round {rounds} {' '.join(map(_q, args))} --quiet")
@@ -148,31 +259,30 @@ def read_curves(run_root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(name: str, algos: list[str], seeds: list[int], rounds: int, runs_dir: Path) -> list[dict[str, Any]]:
-    """The table: per (eval_set, metric, algo) mean and 95% interval over seeds at round N, plus paired
-    differences of SCOPE against each other algo."""
+def summarise(name: str, arms: list[str], seeds: list[int], rounds: int, runs_dir: Path) -> list[dict[str, Any]]:
+    """The table: per (eval_set, metric, arm) mean and 95% interval over seeds at round N (`arms`: the
+    arm names), plus the paired differences of `paired_columns` (arm `a-b`, over the seeds both have)."""
     finals: dict[tuple[str, str, str], dict[int, float]] = {}
-    for algo in algos:
+    for arm in arms:
         for seed in seeds:
-            for rec in read_curves(runs_dir / arm_name(name, algo, seed)):
+            for rec in read_curves(runs_dir / arm_name(name, arm, seed)):
                 if rec["round"] == rounds:
-                    finals.setdefault((rec["eval_set"], rec["metric"], algo), {})[seed] = rec["value"]
+                    finals.setdefault((rec["eval_set"], rec["metric"], arm), {})[seed] = rec["value"]
     table = []
     keys = sorted({(s, m) for s, m, _ in finals})
     for eval_set, metric in keys:
-        for algo in algos:
-            by_seed = finals.get((eval_set, metric, algo), {})
+        for arm in arms:
+            by_seed = finals.get((eval_set, metric, arm), {})
             mean, lo, hi = mean_ci(list(by_seed.values()))
-            table.append({"eval_set": eval_set, "metric": metric, "arm": algo, "seeds": len(by_seed),
+            table.append({"eval_set": eval_set, "metric": metric, "arm": arm, "seeds": len(by_seed),
                           "mean": mean, "ci_low": lo, "ci_high": hi})
-        if "scope" in algos:
-            for other in (a for a in algos if a != "scope"):
-                a = finals.get((eval_set, metric, "scope"), {})
-                b = finals.get((eval_set, metric, other), {})
-                paired = [a[s] - b[s] for s in sorted(set(a) & set(b))]
-                mean, lo, hi = mean_ci(paired)
-                table.append({"eval_set": eval_set, "metric": metric, "arm": f"scope-{other}",
-                              "seeds": len(paired), "mean": mean, "ci_low": lo, "ci_high": hi})
+        for first, second in paired_columns(arms):
+            a = finals.get((eval_set, metric, first), {})
+            b = finals.get((eval_set, metric, second), {})
+            paired = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+            mean, lo, hi = mean_ci(paired)
+            table.append({"eval_set": eval_set, "metric": metric, "arm": f"{first}-{second}",
+                          "seeds": len(paired), "mean": mean, "ci_low": lo, "ci_high": hi})
     return table
 
 
@@ -201,7 +311,7 @@ def to_markdown(table: list[dict[str, Any]], arms: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(name: str, algos: list[str], seeds: list[int], runs_dir: Path, out: Path,
+def plot_curves(name: str, arms: list[str], seeds: list[int], runs_dir: Path, out: Path,
                 metrics: tuple[str, ...]) -> None:
     import matplotlib
 
@@ -209,11 +319,11 @@ def plot_curves(name: str, algos: list[str], seeds: list[int], runs_dir: Path, o
     import matplotlib.pyplot as plt
 
     curves: dict[tuple[str, str, str], dict[int, list[float]]] = {}
-    for algo in algos:
+    for arm in arms:
         for seed in seeds:
-            for rec in read_curves(runs_dir / arm_name(name, algo, seed)):
+            for rec in read_curves(runs_dir / arm_name(name, arm, seed)):
                 if rec["metric"] in metrics:
-                    key = (rec["eval_set"], rec["metric"], algo)
+                    key = (rec["eval_set"], rec["metric"], arm)
                     curves.setdefault(key, {}).setdefault(rec["update"], []).append(rec["value"])
     panels = sorted({(s, m) for s, m, _ in curves})
     if not panels:
@@ -222,10 +332,10 @@ def plot_curves(name: str, algos: list[str], seeds: list[int], runs_dir: Path, o
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
     for ax, (eval_set, metric) in zip(axes.flat, panels):
-        for algo in algos:
-            points = curves.get((eval_set, metric, algo), {})
+        for arm in arms:
+            points = curves.get((eval_set, metric, arm), {})
             xs = sorted(points)
-            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", ms=3, label=algo)
+            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", ms=3, label=arm)
         ax.set_title(f"{eval_set}: {metric}")
         ax.set_xlabel("optimizer updates")
         ax.grid(alpha=0.3)

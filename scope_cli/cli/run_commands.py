@@ -96,12 +96,16 @@ def compare(
     rounds: Annotated[int, typer.Option("--rounds", help="rounds per arm")] = 8,
     seeds: Annotated[int, typer.Option("--seeds", help="seeds per arm (0..seeds-1)")] = 3,
     name: Annotated[str, typer.Option("--name", help="prefix of the arms' run names")] = "mini",
-    algos: Annotated[str, typer.Option("--algos", help="comma-separated arms")] = ",".join(ALGOS),
+    algos: Annotated[Optional[list[str]], typer.Option(
+        "--algos", help="comma-separated arms: a run.algo value, or name=algo followed by its own "
+        "section.key=value settings (grpo,scope,scope-split=scope,train.advantage=grpo_split); "
+        f"repeatable [default: {','.join(ALGOS)}]")] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="arms run at once (default: CPU count)")] = 0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """The miniature experiment: GRPO vs LUFFY vs SCOPE, same start and prompts, several seeds."""
+    """The miniature experiment: GRPO vs LUFFY vs SCOPE (or any arms), same start and prompts, several
+    seeds; every arm paired against grpo and scope."""
     from pathlib import Path
 
     import polars as pl
@@ -110,10 +114,9 @@ def compare(
     from scope_cli.console import make_console
     from scope_cli.core.files import write_parquet_atomic, write_text_atomic
 
-    arms = [a.strip() for a in algos.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ALGOS]
-    if bad:
-        raise ScopeError(f"--algos: unknown arm {', '.join(bad)} (expected {', '.join(ALGOS)})")
+    arms = cmp.parse_arms(algos or [",".join(ALGOS)])
+    cmp.check_arms(arms, config, set_ or [])
+    names = [a.name for a in arms]
     runs_dir = Path(os.environ.get("SCOPE_RUNS_DIR", "runs"))
     seed_list = list(range(seeds))
     codes = cmp.run_arms(name, arms, seed_list, rounds, config, set_ or [], jobs or os.cpu_count() or 1,
@@ -122,13 +125,15 @@ def compare(
     out = runs_dir / f"{name}-compare"
     if failed:
         raise ScopeError(f"compare: arms failed: {', '.join(failed)} (logs in {out / 'logs'})")
-    table = cmp.summarise(name, arms, seed_list, rounds, runs_dir)
-    columns = arms + [f"scope-{a}" for a in arms if a != "scope" and "scope" in arms]
+    table = cmp.summarise(name, names, seed_list, rounds, runs_dir)
+    columns = names + [f"{a}-{b}" for a, b in cmp.paired_columns(names)]
     markdown = cmp.to_markdown(table, columns)
     write_parquet_atomic(pl.DataFrame(table).to_arrow(), out / "table.parquet")
-    write_text_atomic(f"# {name}: {', '.join(arms)}; {seeds} seeds; round {rounds}\n\n{markdown}", out / "table.md")
-    cmp.plot_curves(name, arms, seed_list, runs_dir, out / "curves.png",
-                    ("greedy_acc", "avg@1", "pass@8", "distinct_correct_norm", "later_error_share"))
+    write_text_atomic(f"# {name}: {'; '.join(a.spec for a in arms)}; {seeds} seeds; round {rounds}\n\n"
+                      f"{markdown}", out / "table.md")
+    cmp.plot_curves(name, names, seed_list, runs_dir, out / "curves.png",
+                    ("greedy_acc", "avg@1", "pass@8", "distinct_correct_norm", "strategy_entropy[all]",
+                     "later_error_share"))
     console = make_console()  # markup off: `avg@1[difficulty=5]` is printed as it is
     console.print(markdown)
     console.print(f"wrote {out / 'table.md'}, {out / 'table.parquet'}, {out / 'curves.png'}")
