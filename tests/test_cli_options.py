@@ -6,6 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
+from scope_cli.cli.compare import parse_arms
 from scope_cli.cli.options import sharded_stage
 from scope_cli.core.config import key_choices
 
@@ -26,7 +27,8 @@ def test_sharded_stages_share_their_options():
 
 def test_compare_arms_are_run_algo_values():
     algos = next(p for p in typer.main.get_command(app).commands["compare"].params if p.name == "algos")
-    assert algos.default == ",".join(key_choices("run.algo")) == "grpo,luffy,scope"
+    assert algos.default == [",".join(key_choices("run.algo"))] == ["grpo,luffy,scope"]
+    assert [a.name for a in parse_arms(algos.default)] == list(key_choices("run.algo"))
 
 
 def test_a_sharded_stage_opens_the_run_and_passes_the_slot(tmp_path, monkeypatch):

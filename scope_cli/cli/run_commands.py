@@ -96,10 +96,10 @@ def compare(
     rounds: Annotated[int, typer.Option("--rounds", help="rounds per arm")] = 8,
     seeds: Annotated[int, typer.Option("--seeds", help="seeds per arm (0..seeds-1)")] = 3,
     name: Annotated[str, typer.Option("--name", help="prefix of the arms' run names")] = "mini",
-    algos: Annotated[Optional[list[str]], typer.Option(
+    algos: Annotated[list[str], typer.Option(
         "--algos", help="comma-separated arms: a run.algo value, or name=algo followed by its own "
         "section.key=value settings (grpo,scope,scope-split=scope,train.advantage=grpo_split); "
-        f"repeatable [default: {','.join(ALGOS)}]")] = None,
+        "repeatable")] = [",".join(ALGOS)],  # noqa: B006 (typer reads it, nothing mutates it)
     jobs: Annotated[int, typer.Option("--jobs", help="arms run at once (default: CPU count)")] = 0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -114,7 +114,7 @@ def compare(
     from scope_cli.console import make_console
     from scope_cli.core.files import write_parquet_atomic, write_text_atomic
 
-    arms = cmp.parse_arms(algos or [",".join(ALGOS)])
+    arms = cmp.parse_arms(algos)
     cmp.check_arms(arms, config, set_ or [])
     names = [a.name for a in arms]
     runs_dir = Path(os.environ.get("SCOPE_RUNS_DIR", "runs"))
