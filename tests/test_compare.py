@@ -31,6 +31,8 @@ def test_t_quantile_edges():
     assert t_central(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| < 1) = 2 atan(1) / pi
     assert t_central(2.0, 2) == pytest.approx(2 / math.sqrt(6))  # df 2: t / sqrt(2 + t^2)
     assert t_quantile(1, coverage=0.5) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        t_quantile(5, coverage=1.0)
     assert 1.959964 < t_quantile(100000) < t_quantile(1000) < 1.9624  # towards the normal 1.959964
 
 

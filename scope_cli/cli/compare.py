@@ -64,6 +64,8 @@ def t_quantile(df: int, coverage: float = 0.95) -> float:
     """The half-width multiplier of a two-sided `coverage` t-interval with df degrees of freedom (the
     (1 + coverage) / 2 quantile, 2.0423 for df = 30, 1.9799 for 120), by bisection on `t_central`;
     nan for df <= 0."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"t_quantile: coverage must be in (0, 1), got {coverage}")
     if df <= 0:
         return float("nan")
     low, high = 0.0, 1.0
