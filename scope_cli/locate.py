@@ -83,6 +83,15 @@ def processbench(pred: list[int | None], label: list[int | None]) -> dict[str, A
 
 
 # ---- rows to salvage -------------------------------------------------------------------------------
+# the algorithms (run.algo) that salvage by the PRM's first error (the same rows for both)
+SALVAGE_BY_PREFIX = ("scope", "luffy_matched")
+
+
+def uses_prm(algo: str) -> bool:
+    """Whether run.algo needs step scores (prm-score loads a PRM, locate-error finds first errors)."""
+    return algo in SALVAGE_BY_PREFIX
+
+
 def group_limit(n_failed: int, n_correct: int, max_per_group: int, mode: str) -> int:
     """How many failed rows of a group may be salvaged: at most max_per_group; in replace mode a group
     with correct rows keeps one failure (else every advantage of the group would be zero)."""
@@ -97,9 +106,9 @@ def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str,
     """first_error_step and salvage for each row, and the summary counters. `rows`: dicts with
     prompt_id, sample_idx, correct and step_scores; `algo`: run.algo; `mode`: rectify.mode.
 
-    Per prompt group: scope salvages failed rows whose first error is at step >= min_prefix_steps,
-    longest correct prefix first (ties: lower sample_idx); luffy the same number from all failed
-    rows, lowest sample_idx first; grpo none. A failed row with scores but no wrong step is a
+    Per prompt group: scope and luffy_matched salvage failed rows whose first error is at step >=
+    min_prefix_steps, longest correct prefix first (ties: lower sample_idx); luffy the same number
+    from all failed rows, lowest sample_idx first; grpo none. A failed row with scores but no wrong step is a
     disagreement: salvaged (its first error put at the last step) only with salvage_disagreement."""
     n = len(rows)
     counts = {"rows": n, "failed": 0, "located": 0, "disagreements": 0, "no_steps": 0, "salvaged": 0,
@@ -133,7 +142,7 @@ def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str,
         if algo == "grpo" or not failed:
             continue
         limit = group_limit(len(failed), n_correct, locate.max_per_group, mode)
-        if algo == "scope":
+        if algo in SALVAGE_BY_PREFIX:
             pool = [i for i in failed if firsts[i] is not None and firsts[i] >= locate.min_prefix_steps]
             pool.sort(key=lambda i: (-firsts[i], rows[i]["sample_idx"]))
         else:  # luffy: any failure

@@ -83,7 +83,14 @@ AutoOnOff = Literal["auto", "on", "off"]
 class RunConfig:
     name: str = "default"
     seed: int = key(0, SEED)
-    algo: Literal["grpo", "luffy", "scope"] = "scope"
+    # what the middle stages do (prm-score, locate-error, rectify; train-step for vppo):
+    #   scope          the PRM's first error; the guide continues the kept correct prefix
+    #   grpo           the rollouts alone (no PRM, no new rows)
+    #   luffy          the prompt's reference solution, whole, in place of failed rows picked by
+    #                  sample_idx (no PRM)
+    #   luffy_matched  scope's rows (the same PRM selection) and scope's guide, but the guide writes
+    #                  the whole solution (offpolicy_start 0): the control that differs only in the prefix
+    algo: Literal["grpo", "luffy", "scope", "luffy_matched"] = "scope"
     # checkpoint retention, applied by `scope round` after each finished round (scope_cli/cli/rounds.py);
     # operational: it removes old files, never changes what a stage computes
     keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders

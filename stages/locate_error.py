@@ -10,7 +10,7 @@ whole prompt groups). The maths is scope_cli/locate.py (`first_error`, `select`)
   no step is below the threshold.
 - ``salvage``: whether rectify replaces (or, in augment mode, adds to) this row. The rules, per
   prompt group (one prompt_id):
-    * run.algo=scope: failed rows whose first error is at step >= locate.min_prefix_steps (1), i.e.
+    * run.algo=scope (and luffy_matched, which salvages the same rows): failed rows whose first error is at step >= locate.min_prefix_steps (1), i.e.
       with at least that many correct steps to keep; longest correct prefix first (ties: lower
       sample_idx); at most locate.max_per_group (2).
     * run.algo=luffy: the same number of rows per group, chosen from ALL failed rows wherever their

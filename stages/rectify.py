@@ -16,6 +16,11 @@ step, `admit`, for all):
   name); ``kept_text`` and ``guide_text`` hold the two parts as text. The seam may be tokenized
   non-canonically (see scope_cli/backends/steps.py). A model guide's continuation that fails
   re-verification is retried up to rectify.max_tries times (new seeds), then dropped and counted.
+- luffy_matched: the rows scope salvages (locate-error selects them alike) and scope's guide, but the
+  guide writes the whole solution from the problem alone (an empty kept prefix: the oracle's
+  solution from its row's seed, the model guide's sample of the prompt): ``offpolicy_start = 0``,
+  ``origin = "guided"``, ``policy`` names the guide, ``kept_text = ""``, logprobs all null; retried
+  and dropped as scope's. The control that differs from scope only in the kept prefix.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
   ``offpolicy_start = 0``, ``origin = "reference"``, ``policy = "reference"``, ``kept_text = ""``,
   logprobs all null. A prompt without one is counted and its row kept as it is.
@@ -34,7 +39,7 @@ step). Policy rows have origin "policy", parent_sample_idx, offpolicy_start, kep
 guide_text null. A new row follows its parent in the table.
 
 Summary counters (manifest): salvaged, rectified (new rows that verified and joined), reference,
-dropped, too_long, no_reference, tries, disagreements (failed rows whose PRM found no wrong step),
+guided (luffy_matched's rows that joined), dropped, too_long, no_reference, tries, disagreements (failed rows whose PRM found no wrong step),
 and how much of its parent a rectified row kept: kept_prefix_frac_sum (tokens kept / parent tokens)
 and kept_steps_frac_sum (steps kept / parent steps), summed over rectified rows (so shards add up),
 and their means per shard, mean_kept_prefix_frac and mean_kept_steps_frac.
@@ -50,7 +55,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.guide import GuideOutput
+from scope_cli.backends.guide import GuideOutput, GuideRequest
 from scope_cli.backends.steps import load_policy_tokenizer
 from scope_cli.backends.verifier import verify_rows
 from scope_cli.core.config import Config, config_hash
@@ -118,6 +123,21 @@ def guide_continuations(s: Salvaged, todo: list[int], attempt: int) -> dict[int,
     return out
 
 
+def guide_solutions(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
+    """The guide's whole solution, asked as scope asks for a continuation but with nothing kept
+    (`attempt` k: the guide samples with a seed of its own; each row has its own seed)."""
+    requests = [GuideRequest(row=s.rows[i], kept_steps=[], kept_text="", prefix_text="", seed=s.seeds[i])
+                for i in todo]
+    outs = s.guide.continue_(requests, attempt)
+    s.counts["tries"] += len(todo)
+    out = {}
+    for i, guided in zip(todo, outs):
+        out[i] = s.new_row(i, origin="guided", ids=guide_tokens(s.tokenizer, guided), offpolicy_start=0,
+                           finish_reason=guided.finish_reason, guide=s.guide.name(s.rows[i]),
+                           guide_text=guided.text)
+    return out
+
+
 @dataclass(frozen=True)
 class Replacement:
     """How an algorithm makes the candidate rows for its salvaged rows: `make(salvaged, todo,
@@ -132,6 +152,7 @@ REPLACEMENTS: dict[str, Replacement | None] = {
     "grpo": None,  # no replacement rows: the batch is the rollouts
     "luffy": Replacement(reference_rows, guided=False),  # the reference solution, whole
     "scope": Replacement(guide_continuations, guided=True),  # the kept prefix + the guide's continuation
+    "luffy_matched": Replacement(guide_solutions, guided=True),  # scope's rows, the guide's whole solution
 }
 
 
@@ -158,7 +179,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
     and finish_reason."""
     replacement = REPLACEMENTS[cfg.run.algo]
     counts: dict[str, Any] = {"rows_in": len(rows), "salvaged": 0, "rectified": 0, "reference": 0,
-                              "dropped": 0, "no_reference": 0, "too_long": 0, "tries": 0,
+                              "guided": 0, "dropped": 0, "no_reference": 0, "too_long": 0, "tries": 0,
                               "disagreements": 0,
                               "kept_prefix_frac_sum": 0.0, "kept_steps_frac_sum": 0.0}
     for row in rows:
@@ -201,6 +222,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
             counts["kept_steps_frac_sum"] += rows[i]["first_error_step"] / max(parent_steps, 1)
     counts["rectified"] = sum(cand["origin"] == "rectified" for cand in accepted.values())
     counts["reference"] = sum(cand["origin"] == "reference" for cand in accepted.values())
+    counts["guided"] = sum(cand["origin"] == "guided" for cand in accepted.values())
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         replaced = i in accepted and cfg.rectify.mode == "replace"
@@ -231,7 +253,7 @@ def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, in
         else:
             if not tokenizer:
                 tokenizer.append(load_policy_tokenizer(run.input_policy(round_), cfg.policy.trust_remote_code))
-            guide = res.guide() if cfg.run.algo == "scope" else None
+            guide = res.guide() if REPLACEMENTS[cfg.run.algo].guided else None
             out, counts = rectify_rows(rows, cfg, round_, tokenizer[0], guide,
                                        lambda new: verify_rows(res.verifier(), new, cfg.verify))
         return pa.Table.from_pylist(out, schema=RECTIFIED), counts

@@ -30,13 +30,13 @@ def groups():
     return mixed + all_wrong
 
 
-def run_round(tmp_path, policy, overrides=()):
+def run_round(tmp_path, policy, overrides=(), rows=None):
     from stages.locate_error import locate_error
     from stages.prm_score import prm_score
     from stages.rectify import rectify
 
     run = make_run(tmp_path / "run", policy, list(overrides))
-    write_verified(run, 1, [groups()])
+    write_verified(run, 1, [rows or groups()])
     prm_score(run, 1, quiet=True)
     locate_error(run, 1, quiet=True)
     rectify(run, 1, quiet=True)
@@ -358,23 +358,26 @@ def exact(rows):
     ("grpo", None, {"salvaged": 0, "rectified": 0, "reference": 0, "tries": 0, "dropped": 0}),
     ("luffy", "reference", {"salvaged": 4, "rectified": 0, "reference": 4, "tries": 0, "dropped": 0}),
     ("scope", "rectified", {"salvaged": 4, "rectified": 4, "reference": 0, "tries": 4, "dropped": 0}),
+    ("luffy_matched", "guided", {"salvaged": 4, "rectified": 0, "guided": 4, "tries": 4, "dropped": 0}),
 ])
 def test_each_algorithm_makes_its_own_candidate_rows(algo, origin, counters):
-    """grpo: none; luffy: the reference solution, whole; scope: the kept prefix + the guide's text."""
+    """grpo: none; luffy: the reference solution, whole; scope: the kept prefix + the guide's text;
+    luffy_matched: the guide's whole solution."""
     from scope_cli.backends.guide import OracleGuide
     from stages.rectify import REPLACEMENTS, rectify_rows
 
-    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope"}
+    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope", "luffy_matched"}
     cfg = Config()
     cfg.run.algo = algo
     tok = build_arith_tokenizer()
     rows = located_rows(cfg, tok)
-    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide() if algo == "scope" else None, exact)
+    guided = REPLACEMENTS[algo] is not None and REPLACEMENTS[algo].guided
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide() if guided else None, exact)
     new = [r for r in out if r["origin"] != "policy"]
     assert [r["origin"] for r in new] == [origin] * len(new)
     assert {k: counts[k] for k in counters} == counters and len(out) == len(rows) + len(new)
     for r in new:
-        assert (r["offpolicy_start"] == 0) == (algo == "luffy")
+        assert (r["offpolicy_start"] == 0) == (algo in ("luffy", "luffy_matched"))
     assert counts["mean_kept_steps_frac"] == (pytest.approx(11 / 24) if algo == "scope" else None)
 
 
@@ -399,3 +402,62 @@ def test_references_are_made_once_and_a_missing_one_is_counted_not_dropped():
     out, counts = rectify_rows(rows, cfg, 1, tok, None, wrong)
     assert calls == [2] and counts["no_reference"] == 2 and counts["dropped"] == 2
     assert counts["reference"] == 0 and len(out) == len(rows) and all(r["in_batch"] for r in out)
+
+
+# ---- luffy_matched: scope's rows, the guide's whole solution ----------------------------------------
+def partly_qualifying_groups():
+    """Groups where not every failure qualifies for salvage: early failures (first error at step 0,
+    or at step 1 when two kept steps are asked for) come first by sample_idx, so picking by
+    sample_idx (luffy) and by the PRM's longest prefix (scope) give different rows."""
+    tok = build_arith_tokenizer()
+    mixed = group(tok, PROBLEM, [WRONG_AT_0, RIGHT, WRONG_AT_0, WRONG_AT_1, WRONG_ANSWER, RIGHT_2])
+    # 4+3-2-5 = 0: failures with first errors at steps 0, 1, 3 (the boxed answer), 2
+    all_wrong = group(tok, "4+3-2-5", ["4+3=8;8-2=6;6-5=1;\\boxed{1}", "4+3=7;7-2=4;4-5=9;\\boxed{9}",
+                                       "4+3=7;7-2=5;5-5=0;\\boxed{1}", "4+3=7;7-2=5;5-5=1;\\boxed{1}"])
+    return mixed + all_wrong
+
+
+def replaced(df):
+    return sorted(df.filter((pl.col("origin") == "policy") & ~pl.col("in_batch"))
+                  .select("prompt_id", "sample_idx").iter_rows())
+
+
+@pytest.mark.parametrize("min_prefix_steps, expected", [
+    (1, {PROBLEM: [3, 4], "4+3-2-5": [2, 3]}),  # longest prefix first: f = 2, 1 | f = 3, 2
+    (2, {PROBLEM: [4], "4+3-2-5": [2, 3]}),  # only f >= 2 qualifies: one row of the mixed group
+])
+def test_luffy_matched_replaces_exactly_the_rows_scope_replaces(tmp_path, policy, min_prefix_steps, expected):
+    """Where not every failure qualifies, luffy_matched and scope replace the same (prompt_id,
+    sample_idx) rows (plain luffy does not); luffy_matched's rows are the guide's whole solutions
+    (offpolicy_start 0, nothing kept), verified correct, and differ from one another."""
+    from scope_rows import prompt_id
+
+    rows = partly_qualifying_groups()
+    over = [f"locate.min_prefix_steps={min_prefix_steps}"]
+    runs = {algo: run_round(tmp_path / algo, policy, [f"run.algo={algo}", *over], rows)
+            for algo in ("scope", "luffy_matched", "luffy")}
+    dfs = {algo: read_stage_df(r.stage_dir(1, "rectified")) for algo, r in runs.items()}
+    want = sorted((prompt_id(p), i) for p, idx in expected.items() for i in idx)
+    assert replaced(dfs["scope"]) == replaced(dfs["luffy_matched"]) == want
+    assert replaced(dfs["luffy"]) != want  # lowest sample_idx first: the early failures
+    # the PRM ran for luffy_matched as for scope
+    scored = read_stage_df(runs["luffy_matched"].stage_dir(1, "scored"))
+    assert scored.filter(~pl.col("correct"))["step_scores"].null_count() == 0
+
+    df = dfs["luffy_matched"]
+    new = df.filter(pl.col("origin") == "guided")
+    assert new.height == len(want) and not df.filter(pl.col("origin") == "rectified").height
+    assert sorted(new.select("prompt_id", "parent_sample_idx").iter_rows()) == want
+    check_texts(df, "oracle:arith")
+    eos = build_arith_tokenizer().eos_token_id
+    for row in new.iter_rows(named=True):
+        assert row["offpolicy_start"] == 0 and row["kept_text"] == "" and row["guide_text"] == row["response"]
+        assert all(v is None for v in row["response_logprobs"])
+        assert row["correct"] and row["reward"] == 1.0 and row["verify_status"] == "ok"
+        assert arith.first_error_step(row["problem"], row["response"]) is None
+        assert row["finish_reason"] == "stop" and row["stop_token_id"] == eos
+    # each row has its own seed, so the oracle's solutions differ within a group where they can
+    for pid, g in new.group_by("prompt_id"):
+        assert g["seed"].n_unique() == g.height
+    summary = read_manifest(runs["luffy_matched"])["summary"]
+    assert summary["guided"] == new.height == summary["salvaged"] and summary["rectified"] == 0
