@@ -23,7 +23,10 @@ step, `admit`, for all):
   and dropped as scope's. The control that differs from scope only in the kept prefix.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
   ``offpolicy_start = 0``, ``origin = "reference"``, ``policy = "reference"``, ``kept_text = ""``,
-  logprobs all null. A prompt without one is counted and its row kept as it is.
+  logprobs all null. A prompt without one is counted and its row kept as it is. A group never gets
+  two copies of one trace: its second and later salvaged rows get other correct solutions from the
+  task's solver (arith: another order of the terms, drawn from the new row's seed), or, where the
+  task has no solver or no other solution, nothing (counted: same_reference; the row stays).
 - grpo: pass-through (origin policy, in_batch true).
 
 New rows get ``sample_idx`` = (the group's largest sample_idx + 1 + k) and ``parent_sample_idx``;
@@ -39,14 +42,15 @@ step). Policy rows have origin "policy", parent_sample_idx, offpolicy_start, kep
 guide_text null. A new row follows its parent in the table.
 
 Summary counters (manifest): salvaged, rectified (new rows that verified and joined), reference,
-guided (luffy_matched's rows that joined), dropped, too_long, no_reference, tries, disagreements (failed rows whose PRM found no wrong step),
-and how much of its parent a rectified row kept: kept_prefix_frac_sum (tokens kept / parent tokens)
+guided (luffy_matched's rows that joined), dropped, too_long, no_reference, same_reference, tries,
+disagreements (failed rows whose PRM found no wrong step), and how much of its parent a rectified row kept: kept_prefix_frac_sum (tokens kept / parent tokens)
 and kept_steps_frac_sum (steps kept / parent steps), summed over rectified rows (so shards add up),
 and their means per shard, mean_kept_prefix_frac and mean_kept_steps_frac.
 """
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +69,7 @@ from scope_cli.core.runs import Run, row_seed
 from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
 from scope_cli.core.splice import guide_tokens, new_row, splice_request
 from scope_cli.schema import LOCATED, RECTIFIED
+from scope_cli.tasks import get_task
 
 CONFIG_KEYS = ["rectify", "run.algo", "run.seed", "verify", "generate.backend", "generate.dtype",
                "generate.max_tokens", "generate.stop"]
@@ -92,18 +97,45 @@ class Salvaged:
                        tokenizer=self.tokenizer, stop=self.stop, **kw)
 
 
+def other_solution(row: dict[str, Any], given: list[str], seed: int, draws: int = 64) -> str | None:
+    """A correct solution of the row's problem that is none of `given`, from the task's exact solver
+    (`task.solve_from` from an empty prefix: for arith another order of the terms) with an rng seeded
+    from `seed`: up to `draws` draws, the first new one wins. None where the task has no solver or
+    no draw is new (e.g. a problem whose terms all read the same has one solution)."""
+    solve = getattr(get_task(row["task"]), "solve_from", None)
+    if solve is None:
+        return None
+    rng = random.Random(f"reference\x00{int(seed)}")
+    for _ in range(draws):
+        text = solve(row["problem"], [], rng)
+        if text not in given:
+            return text
+    return None
+
+
 def reference_rows(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
-    """The prompt's reference solution as a whole trajectory (offpolicy_start 0); a row whose prompt
-    has none gets no candidate (counted: no_reference)."""
+    """The prompt's reference solution as a whole trajectory (offpolicy_start 0) for the first
+    salvaged row of a group; never a copy of one the group already got: its next rows get other
+    correct solutions (`other_solution`, from each new row's seed), or none where the task cannot
+    make one (counted: same_reference; the row stays as it was). A row whose prompt has no
+    reference gets no candidate (counted: no_reference)."""
     out = {}
+    given: dict[str, list[str]] = defaultdict(list)
     for i in todo:
-        reference = s.rows[i].get("solution")
+        row = s.rows[i]
+        reference = row.get("solution")
         if not reference:
             s.counts["no_reference"] += 1
             continue
-        ids = guide_tokens(s.tokenizer, GuideOutput(reference, "stop"))
+        used = given[row["prompt_id"]]
+        text = other_solution(row, used, s.seeds[i]) if used else reference
+        if text is None:
+            s.counts["same_reference"] += 1
+            continue
+        used.append(text)
+        ids = guide_tokens(s.tokenizer, GuideOutput(text, "stop"))
         out[i] = s.new_row(i, origin="reference", ids=ids, offpolicy_start=0, finish_reason="stop",
-                           guide="reference", guide_text=reference)
+                           guide="reference", guide_text=text)
     return out
 
 
@@ -179,7 +211,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
     and finish_reason."""
     replacement = REPLACEMENTS[cfg.run.algo]
     counts: dict[str, Any] = {"rows_in": len(rows), "salvaged": 0, "rectified": 0, "reference": 0,
-                              "guided": 0, "dropped": 0, "no_reference": 0, "too_long": 0, "tries": 0,
+                              "guided": 0, "dropped": 0, "no_reference": 0, "same_reference": 0, "too_long": 0, "tries": 0,
                               "disagreements": 0,
                               "kept_prefix_frac_sum": 0.0, "kept_steps_frac_sum": 0.0}
     for row in rows:

@@ -131,9 +131,12 @@ def test_luffy_replaces_with_the_reference_and_grpo_passes_through(tmp_path, pol
     ref = df.filter(pl.col("origin") == "reference")
     assert ref.height == 4
     for row in ref.iter_rows(named=True):
-        assert row["offpolicy_start"] == 0 and row["response"] == row["solution"]
-        assert row["kept_text"] == "" and row["guide_text"] == row["solution"]
+        assert row["offpolicy_start"] == 0 and row["kept_text"] == "" and row["guide_text"] == row["response"]
         assert all(v is None for v in row["response_logprobs"]) and row["reward"] == 1.0
+        assert arith.first_error_step(row["problem"], row["response"]) is None
+    # per group: the first salvaged row gets the reference, the next another correct solution
+    for pid, g in ref.sort("parent_sample_idx").group_by("prompt_id", maintain_order=True):
+        assert g["response"][0] == g["solution"][0] and g["response"].n_unique() == g.height == 2
     check_texts(df, "reference")
     replaced = df.filter((pl.col("origin") == "policy") & ~pl.col("in_batch"))
     assert replaced.height == 4 and not replaced["correct"].any()
@@ -461,3 +464,41 @@ def test_luffy_matched_replaces_exactly_the_rows_scope_replaces(tmp_path, policy
         assert g["seed"].n_unique() == g.height
     summary = read_manifest(runs["luffy_matched"])["summary"]
     assert summary["guided"] == new.height == summary["salvaged"] and summary["rectified"] == 0
+
+
+# ---- luffy: never two copies of one trace in a group --------------------------------------------------
+def test_luffy_gives_a_group_distinct_solutions_or_one():
+    """The group's first salvaged row gets the reference; the next ones other correct orders from the
+    solver, drawn from their own seeds (the same every time); a problem with one solution (its two
+    terms read the same: +2, +2) gets it once and the second row stays (same_reference)."""
+    from stages.rectify import rectify_rows
+
+    cfg = Config()
+    cfg.run.algo = "luffy"
+    cfg.locate.max_per_group = 3
+    tok = build_arith_tokenizer()
+    rows = (group(tok, "1+2-3+4", ["1+2=4;\\boxed{5}", "1+2=3;3-3=0;\\boxed{0}", "1+4=6;\\boxed{6}"])
+            + group(tok, "3+2+2", ["3+2=6;\\boxed{6}", "3+2=5;5+2=8;\\boxed{8}"]))
+    located = located_rows(cfg, tok, rows)
+    out, counts = rectify_rows(located, cfg, 1, tok, None, exact)
+    again, _ = rectify_rows(located_rows(cfg, tok, rows), cfg, 1, tok, None, exact)
+    assert out == again
+    new = [r for r in out if r["origin"] == "reference"]
+    assert [(r["problem"], r["parent_sample_idx"]) for r in new] == [
+        ("1+2-3+4", 0), ("1+2-3+4", 1), ("1+2-3+4", 2), ("3+2+2", 0)]
+    long = [r["response"] for r in new if r["problem"] == "1+2-3+4"]
+    assert long[0] == rows[0]["solution"] and len(set(long)) == 3
+    assert all(arith.first_error_step(r["problem"], r["response"]) is None for r in new)
+    assert counts["same_reference"] == 1 and counts["reference"] == 4 and counts["dropped"] == 0
+    assert [r["in_batch"] for r in out if r["problem"] == "3+2+2" and r["origin"] == "policy"] == [False, True]
+
+
+def test_other_solution_needs_a_solver_and_a_new_trace():
+    from stages.rectify import other_solution
+
+    row = {"task": "arith", "problem": "7+5-7"}
+    first = other_solution(row, [], 3)
+    second = other_solution(row, [first], 3)
+    assert {first, second} == {"7+5=2;2-7=5;\\boxed{5}", "7-7=0;0+5=5;\\boxed{5}"}
+    assert other_solution(row, [first, second], 3) is None  # two terms: two orders, no third
+    assert other_solution({"task": "math", "problem": "1+1"}, ["2"], 3) is None  # no exact solver
