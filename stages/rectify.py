@@ -35,7 +35,8 @@ steps/step_token_ends are recomputed on the new tokens, step_scores and first_er
 ``stop_token_id`` is the policy's EOS for a finished new row (a guide's own EOS, or none for a
 reference, is not the policy's to learn), null for one cut at its length limit.
 A new row joins only when it verifies (correct) and fits the policy's response budget
-(generate.max_tokens tokens, so train-step sees no longer rows than generate writes); else it is
+(generate.max_tokens trained tokens, the eos it ends with included, so at most max_tokens - 1 ids
+for a finished row: train-step sees no longer rows than generate writes); else it is
 retried (model guide) or dropped and counted. rectify.mode = replace (the parent gets
 ``in_batch = false``) or augment (both stay; train-step trains the parent only from its first wrong
 step). Policy rows have origin "policy", parent_sample_idx, offpolicy_start, kept_text and
@@ -191,11 +192,13 @@ REPLACEMENTS: dict[str, Replacement | None] = {
 def admit(candidates: dict[int, dict[str, Any]], verifier: Verifies, limit: int,
           accepted: dict[int, dict[str, Any]], counts: dict[str, Any]) -> list[int]:
     """The one accept step: re-verify the candidates; one that is right and within the policy's
-    response budget (`limit` tokens) goes into `accepted`; the others' row indexes are returned."""
+    response budget goes into `accepted`; the others' row indexes are returned. The budget is
+    `limit` trained tokens, as generate's rows: response_ids plus the eos a finished row trains on
+    (stop_token_id), so a row that ends with eos holds at most limit - 1 ids."""
     rejected = []
     for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
         cand.update(cols)
-        long = len(cand["response_ids"]) > limit
+        long = len(cand["response_ids"]) + (cand["stop_token_id"] is not None) > limit
         counts["too_long"] += long
         if cand["correct"] and not long:
             accepted[i] = cand
@@ -243,7 +246,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
             if not pending:
                 break
             candidates = replacement.make(made, pending, attempt)
-            # new rows are held to the policy's own response budget
+            # new rows are held to the policy's own response budget (trained tokens, eos included)
             pending = admit(candidates, verifier, cfg.generate.max_tokens, accepted, counts)
         counts["dropped"] = len(pending)
 

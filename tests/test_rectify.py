@@ -502,3 +502,26 @@ def test_other_solution_needs_a_solver_and_a_new_trace():
     assert {first, second} == {"7+5=2;2-7=5;\\boxed{5}", "7-7=0;0+5=5;\\boxed{5}"}
     assert other_solution(row, [first, second], 3) is None  # two terms: two orders, no third
     assert other_solution({"task": "math", "problem": "1+1"}, ["2"], 3) is None  # no exact solver
+
+
+@pytest.mark.parametrize("max_tokens, stop, joins", [
+    (15, [], False),  # 15 ids + the eos it trains on: 16 trained tokens, one over
+    (16, [], True),  # 15 ids + eos = 16: exactly the budget
+    (15, ["}"], True),  # ended by a stop string: no eos trained, 15 ids fit
+    (14, ["}"], False),
+])
+def test_new_rows_fit_the_budget_with_their_eos(max_tokens, stop, joins):
+    """generate.max_tokens bounds the trained tokens of a new row (response_ids plus the eos a
+    finished row trains on), as of a rollout: at most max_tokens - 1 ids where eos follows."""
+    from scope_cli.backends.guide import OracleGuide
+    from stages.rectify import rectify_rows
+
+    cfg = Config()
+    cfg.generate.max_tokens, cfg.generate.stop = max_tokens, stop
+    tok = build_arith_tokenizer()
+    rows = located_rows(cfg, tok)
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide(), exact)
+    new = [r for r in out if r["origin"] == "rectified"]
+    assert len(new) == (4 if joins else 0) and counts["too_long"] == (0 if joins else 4)
+    for r in new:  # every complete solution of 7+5-7 and 3+4+2 is 15 tokens
+        assert len(r["response_ids"]) == 15 and (r["stop_token_id"] is None) == bool(stop)
