@@ -88,8 +88,9 @@ SALVAGE_BY_PREFIX = ("scope", "luffy_matched")
 
 
 def uses_prm(algo: str) -> bool:
-    """Whether run.algo needs step scores (prm-score loads a PRM, locate-error finds first errors)."""
-    return algo in SALVAGE_BY_PREFIX
+    """Whether run.algo needs step scores (prm-score loads a PRM, locate-error finds first errors):
+    the algorithms that salvage by them, and vppo, which masks a failed row's verified prefix."""
+    return algo in SALVAGE_BY_PREFIX or algo == "vppo"
 
 
 def group_limit(n_failed: int, n_correct: int, max_per_group: int, mode: str) -> int:
@@ -108,7 +109,8 @@ def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str,
 
     Per prompt group: scope and luffy_matched salvage failed rows whose first error is at step >=
     min_prefix_steps, longest correct prefix first (ties: lower sample_idx); luffy the same number
-    from all failed rows, lowest sample_idx first; grpo none. A failed row with scores but no wrong step is a
+    from all failed rows, lowest sample_idx first; grpo and vppo none (vppo uses the first errors
+    alone). A failed row with scores but no wrong step is a
     disagreement: salvaged (its first error put at the last step) only with salvage_disagreement."""
     n = len(rows)
     counts = {"rows": n, "failed": 0, "located": 0, "disagreements": 0, "no_steps": 0, "salvaged": 0,
@@ -139,8 +141,8 @@ def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str,
         n_correct = len(members) - len(failed)
         kind = "all_correct" if not failed else ("all_wrong" if n_correct == 0 else "mixed")
         counts[f"groups_{kind}"] += 1
-        if algo == "grpo" or not failed:
-            continue
+        if algo not in (*SALVAGE_BY_PREFIX, "luffy") or not failed:
+            continue  # grpo, vppo: nothing to salvage
         limit = group_limit(len(failed), n_correct, locate.max_per_group, mode)
         if algo in SALVAGE_BY_PREFIX:
             pool = [i for i in failed if firsts[i] is not None and firsts[i] >= locate.min_prefix_steps]

@@ -90,7 +90,10 @@ class RunConfig:
     #                  sample_idx (no PRM)
     #   luffy_matched  scope's rows (the same PRM selection) and scope's guide, but the guide writes
     #                  the whole solution (offpolicy_start 0): the control that differs only in the prefix
-    algo: Literal["grpo", "luffy", "scope", "luffy_matched"] = "scope"
+    #   vppo           the PRM's first error and no guide: no new rows; a failed rollout with a negative
+    #                  advantage trains only from its first wrong step (its verified prefix is not
+    #                  penalised; "Save the Good Prefix"); correct rows as grpo
+    algo: Literal["grpo", "luffy", "scope", "luffy_matched", "vppo"] = "scope"
     # checkpoint retention, applied by `scope round` after each finished round (scope_cli/cli/rounds.py);
     # operational: it removes old files, never changes what a stage computes
     keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders

@@ -27,7 +27,7 @@ step, `admit`, for all):
   two copies of one trace: its second and later salvaged rows get other correct solutions from the
   task's solver (arith: another order of the terms, drawn from the new row's seed), or, where the
   task has no solver or no other solution, nothing (counted: same_reference; the row stays).
-- grpo: pass-through (origin policy, in_batch true).
+- grpo, vppo: pass-through (origin policy, in_batch true; vppo's first_error_step goes on to train-step).
 
 New rows get ``sample_idx`` = (the group's largest sample_idx + 1 + k) and ``parent_sample_idx``;
 their verify columns are recomputed (the task's answer check, the verify section's reward rules);
@@ -183,6 +183,7 @@ class Replacement:
 
 REPLACEMENTS: dict[str, Replacement | None] = {
     "grpo": None,  # no replacement rows: the batch is the rollouts
+    "vppo": None,  # none either: train-step masks the failed rows' verified prefixes
     "luffy": Replacement(reference_rows, guided=False),  # the reference solution, whole
     "scope": Replacement(guide_continuations, guided=True),  # the kept prefix + the guide's continuation
     "luffy_matched": Replacement(guide_solutions, guided=True),  # scope's rows, the guide's whole solution
@@ -283,7 +284,7 @@ def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, in
 
     def compute(res: StageResources, path: Path):
         rows = read_shard(path, LOCATED).to_pylist()
-        if cfg.run.algo == "grpo" or not any(r["salvage"] for r in rows):
+        if REPLACEMENTS[cfg.run.algo] is None or not any(r["salvage"] for r in rows):
             out, counts = rectify_rows(rows, cfg, round_, None, None, None)
         else:
             if not tokenizer:

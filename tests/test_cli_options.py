@@ -26,7 +26,7 @@ def test_sharded_stages_share_their_options():
 
 def test_compare_arms_are_run_algo_values():
     algos = next(p for p in typer.main.get_command(app).commands["compare"].params if p.name == "algos")
-    assert algos.default == ",".join(key_choices("run.algo")) == "grpo,luffy,scope,luffy_matched"
+    assert algos.default == ",".join(key_choices("run.algo")) == "grpo,luffy,scope,luffy_matched,vppo"
 
 
 def test_a_sharded_stage_opens_the_run_and_passes_the_slot(tmp_path, monkeypatch):

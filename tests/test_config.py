@@ -39,7 +39,7 @@ def test_defaults_then_toml_then_set(tmp_path):
         ("generate.n=abc", "expected an integer, got 'abc'"),
         ("generate.n=0", "generate.n: got 0, expected an integer >= 1 and <= 1024"),
         ("generate.n=-2", "generate.n: got -2, expected an integer >= 1 and <= 1024"),
-        ("run.algo=ppo", "run.algo: expected one of grpo, luffy, scope, luffy_matched, got 'ppo'"),
+        ("run.algo=ppo", "run.algo: expected one of grpo, luffy, scope, luffy_matched, vppo, got 'ppo'"),
         ("train.fsdp=maybe", "expected true or false"),
         ("generate", "expected section.key=value"),
     ],
@@ -100,7 +100,7 @@ def choice_keys() -> dict[str, tuple[tuple[str, ...], bool]]:
 
 def test_choice_keys_are_found():
     keys = choice_keys()
-    assert keys["run.algo"] == (("grpo", "luffy", "scope", "luffy_matched"), False)
+    assert keys["run.algo"] == (("grpo", "luffy", "scope", "luffy_matched", "vppo"), False)
     assert keys["run.loggers"] == (("tensorboard", "wandb"), True)
     assert keys["train.packing"] == (("auto", "on", "off"), False)
     assert len(keys) == 21  # every `a | b` key of the sections, none left as a plain str
@@ -122,7 +122,7 @@ def test_validation_accepts_every_choice_and_refuses_others():
             load_config(None, [f"{dotted}=nope"])
         expected = "a list of" if is_list else "one of"
         assert str(err.value) == f"{dotted}: expected {expected} {', '.join(values)}, got 'nope'"
-    assert key_choices("run.algo") == ("grpo", "luffy", "scope", "luffy_matched")
+    assert key_choices("run.algo") == ("grpo", "luffy", "scope", "luffy_matched", "vppo")
     assert key_choices("run.seed") == ()
 
 

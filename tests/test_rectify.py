@@ -359,6 +359,7 @@ def exact(rows):
 
 @pytest.mark.parametrize("algo, origin, counters", [
     ("grpo", None, {"salvaged": 0, "rectified": 0, "reference": 0, "tries": 0, "dropped": 0}),
+    ("vppo", None, {"salvaged": 0, "rectified": 0, "reference": 0, "tries": 0, "dropped": 0}),
     ("luffy", "reference", {"salvaged": 4, "rectified": 0, "reference": 4, "tries": 0, "dropped": 0}),
     ("scope", "rectified", {"salvaged": 4, "rectified": 4, "reference": 0, "tries": 4, "dropped": 0}),
     ("luffy_matched", "guided", {"salvaged": 4, "rectified": 0, "guided": 4, "tries": 4, "dropped": 0}),
@@ -369,7 +370,7 @@ def test_each_algorithm_makes_its_own_candidate_rows(algo, origin, counters):
     from scope_cli.backends.guide import OracleGuide
     from stages.rectify import REPLACEMENTS, rectify_rows
 
-    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope", "luffy_matched"}
+    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope", "luffy_matched", "vppo"}
     cfg = Config()
     cfg.run.algo = algo
     tok = build_arith_tokenizer()
@@ -525,3 +526,16 @@ def test_new_rows_fit_the_budget_with_their_eos(max_tokens, stop, joins):
     assert len(new) == (4 if joins else 0) and counts["too_long"] == (0 if joins else 4)
     for r in new:  # every complete solution of 7+5-7 and 3+4+2 is 15 tokens
         assert len(r["response_ids"]) == 15 and (r["stop_token_id"] is None) == bool(stop)
+
+
+def test_vppo_scores_and_locates_but_adds_no_rows(tmp_path, policy):
+    """run.algo = vppo: prm-score and locate-error run as for scope (first errors for train-step),
+    nothing is salvaged and rectify passes every row through."""
+    run = run_round(tmp_path, policy, ["run.algo=vppo"])
+    located = read_stage_df(run.stage_dir(1, "located"))
+    failed = located.filter(~pl.col("correct"))
+    assert failed["step_scores"].null_count() == 0 and failed["first_error_step"].null_count() == 0
+    assert not located["salvage"].any()
+    df = read_stage_df(run.stage_dir(1, "rectified"))
+    assert df.height == 9 and (df["origin"] == "policy").all() and df["in_batch"].all()
+    assert df["first_error_step"].to_list() == located["first_error_step"].to_list()
