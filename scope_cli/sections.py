@@ -56,13 +56,17 @@ def _num(value: float) -> str:
 
 
 def key(default: Any = MISSING, rng: Range | None = None, *, default_factory: Any = MISSING,
-        operational: bool = False) -> Any:
-    """A config field with an optional allowed range (`rng`) and the operational flag."""
+        operational: bool = False, added: bool = False) -> Any:
+    """A config field with an optional allowed range (`rng`) and the operational flag. `added`: a key
+    added after runs were made; at its default it is left out of the stages' config hashes, so those
+    runs' finished stages still match and resume as they were."""
     metadata: dict[str, Any] = {}
     if rng is not None:
         metadata["range"] = rng
     if operational:
         metadata["operational"] = True
+    if added:
+        metadata["added"] = True
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -200,6 +204,10 @@ class LocateConfig:
     min_prefix_steps: int = key(1, Range(ge=0, le=1_000_000))
     max_per_group: int = key(2, Range(ge=0, le=1_000_000))
     salvage_disagreement: bool = False  # salvage failed rows where the PRM finds no wrong step
+    # the order a group's qualifying failed rows are salvaged in (scope, luffy_matched), up to
+    # max_per_group: longest (the longest correct prefix first; ties: lower sample_idx) or random (a
+    # shuffle seeded from run.seed, the round and the prompt_id, the same for every arm of a seed)
+    order: Literal["longest", "random"] = key("longest", added=True)
 
 
 @dataclass

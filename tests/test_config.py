@@ -103,7 +103,7 @@ def test_choice_keys_are_found():
     assert keys["run.algo"] == (("grpo", "luffy", "scope", "luffy_matched", "vppo"), False)
     assert keys["run.loggers"] == (("tensorboard", "wandb"), True)
     assert keys["train.packing"] == (("auto", "on", "off"), False)
-    assert len(keys) == 21  # every `a | b` key of the sections, none left as a plain str
+    assert len(keys) == 22  # every `a | b` key of the sections, none left as a plain str
     assert "prm.device" not in keys  # cuda:N is open-ended: a plain string
 
 
@@ -158,3 +158,17 @@ def test_prompts_per_shard_above_per_round_is_refused_not_clamped():
         load_config(None, ["generate.prompts_per_round=4"])  # prompts_per_shard: 32 by default
     assert str(err.value) == ("generate.prompts_per_shard: got 32, expected at most "
                               "generate.prompts_per_round (4)")
+
+
+def test_a_key_added_later_keeps_the_hash_of_earlier_runs_at_its_default():
+    """locate.order was added after runs were made: at its default (longest) the stages that read
+    the locate section hash as they did before it existed (the values below), so finished stages of
+    those runs stay done; set to random, the hash changes and locate-error recomputes."""
+    from stages import locate_error, rectify
+
+    keys = locate_error.CONFIG_KEYS
+    assert config_hash(Config(), keys) == "8642ee590b5e9f7c"
+    assert config_hash(load_config(None, ["run.algo=luffy"]), keys) == "7e95c37c20b71d71"
+    assert config_hash(Config(), rectify.CONFIG_KEYS) == "270830f7de378e2f"
+    assert config_hash(load_config(None, ["locate.order=random"]), keys) != "8642ee590b5e9f7c"
+    assert config_hash(load_config(None, ["locate.order=longest"]), keys) == "8642ee590b5e9f7c"
