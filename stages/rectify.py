@@ -18,7 +18,8 @@ step, `admit`, for all):
   re-verification is retried up to rectify.max_tries times (new seeds), then dropped and counted.
 - luffy_matched: the rows scope salvages (locate-error selects them alike) and scope's guide, but the
   guide writes the whole solution from the problem alone (an empty kept prefix: the oracle's
-  solution from its row's seed, the model guide's sample of the prompt): ``offpolicy_start = 0``,
+  solution from its row's seed, never a copy of one its group got where the task has another; the
+  model guide's sample of the prompt): ``offpolicy_start = 0``,
   ``origin = "guided"``, ``policy`` names the guide, ``kept_text = ""``, logprobs all null; retried
   and dropped as scope's. The control that differs from scope only in the kept prefix.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
@@ -60,7 +61,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.guide import GuideOutput, GuideRequest
+from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
 from scope_cli.backends.steps import load_policy_tokenizer
 from scope_cli.backends.verifier import verify_rows
 from scope_cli.core.config import Config, config_hash
@@ -158,13 +159,20 @@ def guide_continuations(s: Salvaged, todo: list[int], attempt: int) -> dict[int,
 
 def guide_solutions(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
     """The guide's whole solution, asked as scope asks for a continuation but with nothing kept
-    (`attempt` k: the guide samples with a seed of its own; each row has its own seed)."""
+    (`attempt` k: the guide samples with a seed of its own; each row has its own seed). The oracle
+    gives a group no two copies of one solution where the task has another (`other_solution`
+    from the row's seed); where it has none the copy stays, so the rows stay scope's."""
     requests = [GuideRequest(row=s.rows[i], kept_steps=[], kept_text="", prefix_text="", seed=s.seeds[i])
                 for i in todo]
     outs = s.guide.continue_(requests, attempt)
     s.counts["tries"] += len(todo)
     out = {}
+    given: dict[str, list[str]] = defaultdict(list)
     for i, guided in zip(todo, outs):
+        used = given[s.rows[i]["prompt_id"]]
+        if isinstance(s.guide, OracleGuide) and guided.text in used:
+            guided = GuideOutput(other_solution(s.rows[i], used, s.seeds[i]) or guided.text, "stop")
+        used.append(guided.text)
         out[i] = s.new_row(i, origin="guided", ids=guide_tokens(s.tokenizer, guided), offpolicy_start=0,
                            finish_reason=guided.finish_reason, guide=s.guide.name(s.rows[i]),
                            guide_text=guided.text)

@@ -460,9 +460,10 @@ def test_luffy_matched_replaces_exactly_the_rows_scope_replaces(tmp_path, policy
         assert row["correct"] and row["reward"] == 1.0 and row["verify_status"] == "ok"
         assert arith.first_error_step(row["problem"], row["response"]) is None
         assert row["finish_reason"] == "stop" and row["stop_token_id"] == eos
-    # each row has its own seed, so the oracle's solutions differ within a group where they can
+    # each row has its own seed, and the oracle's solutions differ within a group where they can
+    # (7+5-7 has two orders, 4+3-2-5 six)
     for pid, g in new.group_by("prompt_id"):
-        assert g["seed"].n_unique() == g.height
+        assert g["seed"].n_unique() == g["response"].n_unique() == g.height
     summary = read_manifest(runs["luffy_matched"])["summary"]
     assert summary["guided"] == new.height == summary["salvaged"] and summary["rectified"] == 0
 
@@ -539,3 +540,22 @@ def test_vppo_scores_and_locates_but_adds_no_rows(tmp_path, policy):
     df = read_stage_df(run.stage_dir(1, "rectified"))
     assert df.height == 9 and (df["origin"] == "policy").all() and df["in_batch"].all()
     assert df["first_error_step"].to_list() == located["first_error_step"].to_list()
+
+
+def test_luffy_matched_oracle_gives_a_group_no_two_copies_where_the_task_has_another():
+    """An oracle that repeats itself: the group's second row gets the task's other order, the third
+    (7+5-7 has only two) keeps the copy, so the rows replaced stay scope's."""
+    from scope_cli.backends.guide import GuideOutput, OracleGuide
+    from stages.rectify import rectify_rows
+
+    class RepeatingOracle(OracleGuide):
+        def continue_(self, requests, attempt=0):
+            return [GuideOutput(RIGHT, "stop") for _ in requests]
+
+    cfg = Config()
+    cfg.run.algo, cfg.locate.min_prefix_steps, cfg.locate.max_per_group = "luffy_matched", 0, 3
+    tok = build_arith_tokenizer()
+    rows = located_rows(cfg, tok, [r for r in partly_qualifying_groups() if r["problem"] == PROBLEM])
+    out, counts = rectify_rows(rows, cfg, 1, tok, RepeatingOracle(), exact)
+    new = [r["response"] for r in out if r["origin"] == "guided"]
+    assert new == [RIGHT, RIGHT_2, RIGHT] and counts["guided"] == 3
