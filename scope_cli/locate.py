@@ -83,6 +83,16 @@ def processbench(pred: list[int | None], label: list[int | None]) -> dict[str, A
 
 
 # ---- rows to salvage -------------------------------------------------------------------------------
+# the algorithms (run.algo) that salvage by the PRM's first error (the same rows for both)
+SALVAGE_BY_PREFIX = ("scope", "luffy_matched")
+
+
+def uses_prm(algo: str) -> bool:
+    """Whether run.algo needs step scores (prm-score loads a PRM, locate-error finds first errors):
+    the algorithms that salvage by them, and vppo, which masks a failed row's verified prefix."""
+    return algo in SALVAGE_BY_PREFIX or algo == "vppo"
+
+
 def group_limit(n_failed: int, n_correct: int, max_per_group: int, mode: str) -> int:
     """How many failed rows of a group may be salvaged: at most max_per_group; in replace mode a group
     with correct rows keeps one failure (else every advantage of the group would be zero)."""
@@ -92,15 +102,30 @@ def group_limit(n_failed: int, n_correct: int, max_per_group: int, mode: str) ->
     return max(limit, 0)
 
 
-def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str,
-           mode: str) -> tuple[list[int | None], list[bool], dict[str, int]]:
-    """first_error_step and salvage for each row, and the summary counters. `rows`: dicts with
-    prompt_id, sample_idx, correct and step_scores; `algo`: run.algo; `mode`: rectify.mode.
+def salvage_order(firsts: dict[int, int], sample_idx: dict[int, int], order: str, seed: int = 0,
+                  round_: int = 0, prompt_id: str = "") -> list[int]:
+    """One group's qualifying failed rows (row index -> first wrong step, row index -> sample_idx) in
+    the order they are salvaged (locate.order): longest, the longest correct prefix first (ties:
+    lower sample_idx); random, the rows in sample_idx order shuffled by an rng seeded from
+    (run.seed, round, prompt_id), so every arm of a seed draws the same order for a group."""
+    rows = sorted(firsts, key=lambda i: sample_idx[i])
+    if order == "random":
+        random.Random(f"salvage\x00{int(seed)}\x00{int(round_)}\x00{prompt_id}").shuffle(rows)
+        return rows
+    return sorted(rows, key=lambda i: (-firsts[i], sample_idx[i]))
 
-    Per prompt group: scope salvages failed rows whose first error is at step >= min_prefix_steps,
-    longest correct prefix first (ties: lower sample_idx); luffy the same number from all failed
-    rows, lowest sample_idx first; grpo none. A failed row with scores but no wrong step is a
-    disagreement: salvaged (its first error put at the last step) only with salvage_disagreement."""
+
+def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str, mode: str, seed: int = 0,
+           round_: int = 0) -> tuple[list[int | None], list[bool], dict[str, int]]:
+    """first_error_step and salvage for each row, and the summary counters. `rows`: dicts with
+    prompt_id, sample_idx, correct and step_scores; `algo`: run.algo; `mode`: rectify.mode; `seed`
+    and `round_` (run.seed, the round) seed locate.order = random.
+
+    Per prompt group: scope and luffy_matched salvage failed rows whose first error is at step >=
+    min_prefix_steps, in `salvage_order` (locate.order: longest correct prefix first, or random);
+    luffy the same number from all failed rows, lowest sample_idx first; grpo and vppo none (vppo
+    uses the first errors alone). A failed row with scores but no wrong step is a disagreement:
+    salvaged (its first error put at the last step) only with salvage_disagreement."""
     n = len(rows)
     counts = {"rows": n, "failed": 0, "located": 0, "disagreements": 0, "no_steps": 0, "salvaged": 0,
               "groups_all_correct": 0, "groups_mixed": 0, "groups_all_wrong": 0}
@@ -130,12 +155,14 @@ def select(rows: list[dict[str, Any]], locate: LocateConfig, algo: str,
         n_correct = len(members) - len(failed)
         kind = "all_correct" if not failed else ("all_wrong" if n_correct == 0 else "mixed")
         counts[f"groups_{kind}"] += 1
-        if algo == "grpo" or not failed:
-            continue
+        if algo not in (*SALVAGE_BY_PREFIX, "luffy") or not failed:
+            continue  # grpo, vppo: nothing to salvage
         limit = group_limit(len(failed), n_correct, locate.max_per_group, mode)
-        if algo == "scope":
-            pool = [i for i in failed if firsts[i] is not None and firsts[i] >= locate.min_prefix_steps]
-            pool.sort(key=lambda i: (-firsts[i], rows[i]["sample_idx"]))
+        if algo in SALVAGE_BY_PREFIX:
+            qualify = {i: firsts[i] for i in failed
+                       if firsts[i] is not None and firsts[i] >= locate.min_prefix_steps}
+            pool = salvage_order(qualify, {i: rows[i]["sample_idx"] for i in qualify}, locate.order,
+                                 seed, round_, rows[members[0]]["prompt_id"])
         else:  # luffy: any failure
             pool = sorted(failed, key=lambda i: rows[i]["sample_idx"])
         for i in pool[:limit]:

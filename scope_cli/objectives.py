@@ -83,6 +83,15 @@ def loss_start(first_error_step: int | None, step_token_ends) -> int:
     return int(step_token_ends[min(first_error_step, len(step_token_ends)) - 1])
 
 
+def verified_prefix_start(adv: float, first_error_step: int | None, step_token_ends) -> int:
+    """VPPO ("Save the Good Prefix"): the first trained token of a policy row. A row with a negative
+    advantage and a located first wrong step trains from that step on (`loss_start`): its verified
+    prefix, the steps before it, is not penalised. Any other row trains whole (0)."""
+    if adv >= 0:
+        return 0
+    return loss_start(first_error_step, step_token_ends)
+
+
 def token_masks(length: int, offpolicy_start: int | None, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(on-policy mask, off-policy mask) over a response of `length` tokens: tokens before `start` are
     not trained; tokens at or after `offpolicy_start` (when not None) are off-policy."""

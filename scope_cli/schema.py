@@ -58,12 +58,13 @@ LOCATE_COLUMNS = [
 ]
 
 RECTIFY_COLUMNS = [
-    ("origin", pa.string()),  # policy | rectified | reference
+    # policy | rectified | reference | guided (luffy_matched: the guide's whole solution)
+    ("origin", pa.string()),
     ("in_batch", pa.bool_()),  # false for a parent replaced by its rectified row
     ("parent_sample_idx", pa.int32()),
     ("offpolicy_start", pa.int32()),  # token index where guide tokens begin; null for policy rows
     # the two parts of a new row's response as text (null for policy rows): kept_text is
-    # decode(response_ids[:offpolicy_start]) (the parent's own kept tokens; "" for reference rows),
+    # decode(response_ids[:offpolicy_start]) (the parent's own kept tokens; "" for reference and guided rows),
     # guide_text the text the guide wrote, which rectify tokenized into response_ids[offpolicy_start:].
     # kept_text + guide_text == response wherever the tokenizer round-trips the guide's text.
     # On new rows `policy` names the guide: "oracle:<task>", the model guide's folder name, or
@@ -77,7 +78,7 @@ RECTIFY_COLUMNS = [
 OPTIONAL_COLUMNS = frozenset({"stop_token_id"})
 
 VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
-ORIGINS = ("policy", "rectified", "reference")
+ORIGINS = ("policy", "rectified", "reference", "guided")
 
 
 def _extend(base: pa.Schema, cols: list[tuple[str, pa.DataType]]) -> pa.Schema:

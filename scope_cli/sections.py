@@ -56,13 +56,17 @@ def _num(value: float) -> str:
 
 
 def key(default: Any = MISSING, rng: Range | None = None, *, default_factory: Any = MISSING,
-        operational: bool = False) -> Any:
-    """A config field with an optional allowed range (`rng`) and the operational flag."""
+        operational: bool = False, added: bool = False) -> Any:
+    """A config field with an optional allowed range (`rng`) and the operational flag. `added`: a key
+    added after runs were made; at its default it is left out of the stages' config hashes, so those
+    runs' finished stages still match and resume as they were."""
     metadata: dict[str, Any] = {}
     if rng is not None:
         metadata["range"] = rng
     if operational:
         metadata["operational"] = True
+    if added:
+        metadata["added"] = True
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -83,7 +87,17 @@ AutoOnOff = Literal["auto", "on", "off"]
 class RunConfig:
     name: str = "default"
     seed: int = key(0, SEED)
-    algo: Literal["grpo", "luffy", "scope"] = "scope"
+    # what the middle stages do (prm-score, locate-error, rectify; train-step for vppo):
+    #   scope          the PRM's first error; the guide continues the kept correct prefix
+    #   grpo           the rollouts alone (no PRM, no new rows)
+    #   luffy          the prompt's reference solution, whole, in place of failed rows picked by
+    #                  sample_idx (no PRM)
+    #   luffy_matched  scope's rows (the same PRM selection) and scope's guide, but the guide writes
+    #                  the whole solution (offpolicy_start 0): the control that differs only in the prefix
+    #   vppo           the PRM's first error and no guide: no new rows; a failed rollout with a negative
+    #                  advantage trains only from its first wrong step (its verified prefix is not
+    #                  penalised; "Save the Good Prefix"); correct rows as grpo
+    algo: Literal["grpo", "luffy", "scope", "luffy_matched", "vppo"] = "scope"
     # checkpoint retention, applied by `scope round` after each finished round (scope_cli/cli/rounds.py);
     # operational: it removes old files, never changes what a stage computes
     keep_policies: int = op(0, Range(ge=1, zero="keep all"))  # keep the last K policy folders
@@ -190,6 +204,10 @@ class LocateConfig:
     min_prefix_steps: int = key(1, Range(ge=0, le=1_000_000))
     max_per_group: int = key(2, Range(ge=0, le=1_000_000))
     salvage_disagreement: bool = False  # salvage failed rows where the PRM finds no wrong step
+    # the order a group's qualifying failed rows are salvaged in (scope, luffy_matched), up to
+    # max_per_group: longest (the longest correct prefix first; ties: lower sample_idx) or random (a
+    # shuffle seeded from run.seed, the round and the prompt_id, the same for every arm of a seed)
+    order: Literal["longest", "random"] = key("longest", added=True)
 
 
 @dataclass

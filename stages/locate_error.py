@@ -10,15 +10,18 @@ whole prompt groups). The maths is scope_cli/locate.py (`first_error`, `select`)
   no step is below the threshold.
 - ``salvage``: whether rectify replaces (or, in augment mode, adds to) this row. The rules, per
   prompt group (one prompt_id):
-    * run.algo=scope: failed rows whose first error is at step >= locate.min_prefix_steps (1), i.e.
-      with at least that many correct steps to keep; longest correct prefix first (ties: lower
-      sample_idx); at most locate.max_per_group (2).
+    * run.algo=scope (and luffy_matched, which salvages the same rows): failed rows whose first
+      error is at step >= locate.min_prefix_steps (1), i.e. with at least that many correct steps
+      to keep; at most locate.max_per_group (2), taken in locate.order: longest (the default: the
+      longest correct prefix first, ties: lower sample_idx) or random (a shuffle seeded from
+      run.seed, the round and the prompt_id; run.seed is not in this stage's config hash: the
+      input rows' seed column, derived from it, is in the input digest).
     * run.algo=luffy: the same number of rows per group, chosen from ALL failed rows wherever their
       first error is (lowest sample_idx first): the control differs only in what replaces them.
     * In rectify.mode=replace, a group that has correct rows keeps at least one failed row
       unrectified (rectifying every failure would make the group all-correct and every advantage
       zero). An all-wrong group (no GRPO signal) is salvaged up to the limit.
-    * run.algo=grpo: nothing is salvaged.
+    * run.algo=grpo or vppo: nothing is salvaged (vppo's train-step reads the first errors).
 - A failed row with scores but no wrong step found is a PRM/verifier disagreement: counted, and not
   salvaged unless locate.salvage_disagreement, which puts its first error at the last step (the
   verifier's verdict is about the answer).
@@ -44,11 +47,12 @@ from scope_cli.locate import select
 CONFIG_KEYS = ["locate", "run.algo", "rectify.mode"]
 
 
-def locate_table(table: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
-    """A scored table with first_error_step and salvage (scope_cli/locate.py `select`), and the
-    summary counters."""
+def locate_table(table: pa.Table, cfg: Config, round_: int = 0) -> tuple[pa.Table, dict[str, Any]]:
+    """A scored table of round `round_` with first_error_step and salvage (scope_cli/locate.py
+    `select`), and the summary counters."""
     rows = table.select(["prompt_id", "sample_idx", "correct", "step_scores"]).to_pylist()
-    firsts, salvage, counts = select(rows, cfg.locate, cfg.run.algo, cfg.rectify.mode)
+    firsts, salvage, counts = select(rows, cfg.locate, cfg.run.algo, cfg.rectify.mode, cfg.run.seed,
+                                     round_)
     out = table
     for name, values in (("first_error_step", firsts), ("salvage", salvage)):
         if name in out.column_names:
@@ -64,7 +68,7 @@ def locate_error(run: Run, round_: int, *, force: bool = False, worker: tuple[in
     files = complete_shards(src, run.command(f"prm-score --round {round_}"))
 
     def compute(path: Path):
-        return locate_table(read_shard(path, SCORED), cfg)
+        return locate_table(read_shard(path, SCORED), cfg, round_)
 
     jobs = [ShardJob(shard_index(f), [f], (lambda f=f: compute(f))) for f in files]
     return run_shards(

@@ -7,7 +7,7 @@ Reads round-R/verified/ and writes round-R/scored/ (schema SCORED), shard N from
 
 - ``steps`` (the task's step texts) and ``step_token_ends`` (exclusive token index in response_ids
   where each step ends, so the first k steps are an exact token prefix; see scope_cli/backends/steps.py):
-  filled for every row when run.algo=scope (a tokenizer pass, cheap), so users can inspect any row.
+  filled for every row when run.algo=scope or luffy_matched (a tokenizer pass, cheap), so users can inspect any row.
 - ``step_scores``: P(step correct) from prm.backend (rule | hf | vllm) for the failed rows
   (prm.score=failed, the default: only they are candidates for rectification) or for all rows
   (prm.score=all); null for rows not scored.
@@ -15,9 +15,9 @@ Reads round-R/verified/ and writes round-R/scored/ (schema SCORED), shard N from
   step (a score below locate.threshold) has it missed or moved one step (scope_cli/locate.py
   `apply_noise`): the miniature's way to study a PRM that points at the wrong step.
 
-With run.algo = grpo or luffy nothing here is needed: rows pass through with the three columns null
-and no PRM is loaded. The steps are split on decode(response_ids) with the policy's tokenizer (the
-input policy of the round), the text generate stored as `response`.
+With run.algo = grpo or luffy nothing here is needed (`uses_prm`, scope_cli/locate.py): rows pass
+through with the three columns null and no PRM is loaded. The steps are split on decode(response_ids)
+with the policy's tokenizer (the input policy of the round), the text generate stored as `response`.
 
 `--eval-against rule` scores every row of round-R/verified/ (failed and correct) with the configured
 PRM (noise included) and with the task's exact checker, and writes ProcessBench-style metrics
@@ -41,14 +41,10 @@ from scope_cli.schema import SCORED, VERIFIED, conform
 from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
 from scope_cli.core.files import read_shard, shard_index, write_json_atomic
 from scope_cli.backends.steps import align_steps, load_policy_tokenizer
-from scope_cli.locate import apply_noise, first_error, processbench
+from scope_cli.locate import apply_noise, first_error, processbench, uses_prm
 from scope_cli.tasks import get_task
 
 CONFIG_KEYS = ["prm", "run.algo", "locate.threshold"]  # the threshold: what noise and errors_found call wrong
-
-
-def uses_prm(algo: str) -> bool:
-    return algo == "scope"
 
 
 def policy_tokenizer(run: Run, round_: int) -> Any:

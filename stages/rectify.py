@@ -16,10 +16,19 @@ step, `admit`, for all):
   name); ``kept_text`` and ``guide_text`` hold the two parts as text. The seam may be tokenized
   non-canonically (see scope_cli/backends/steps.py). A model guide's continuation that fails
   re-verification is retried up to rectify.max_tries times (new seeds), then dropped and counted.
+- luffy_matched: the rows scope salvages (locate-error selects them alike) and scope's guide, but the
+  guide writes the whole solution from the problem alone (an empty kept prefix: the oracle's
+  solution from its row's seed, never a copy of one its group got where the task has another; the
+  model guide's sample of the prompt): ``offpolicy_start = 0``,
+  ``origin = "guided"``, ``policy`` names the guide, ``kept_text = ""``, logprobs all null; retried
+  and dropped as scope's. The control that differs from scope only in the kept prefix.
 - luffy: the reference solution (the prompt's `solution`) as a whole trajectory:
   ``offpolicy_start = 0``, ``origin = "reference"``, ``policy = "reference"``, ``kept_text = ""``,
-  logprobs all null. A prompt without one is counted and its row kept as it is.
-- grpo: pass-through (origin policy, in_batch true).
+  logprobs all null. A prompt without one is counted and its row kept as it is. A group never gets
+  two copies of one trace: its second and later salvaged rows get other correct solutions from the
+  task's solver (arith: another order of the terms, drawn from the new row's seed), or, where the
+  task has no solver or no other solution, nothing (counted: same_reference; the row stays).
+- grpo, vppo: pass-through (origin policy, in_batch true; vppo's first_error_step goes on to train-step).
 
 New rows get ``sample_idx`` = (the group's largest sample_idx + 1 + k) and ``parent_sample_idx``;
 their verify columns are recomputed (the task's answer check, the verify section's reward rules);
@@ -27,21 +36,23 @@ steps/step_token_ends are recomputed on the new tokens, step_scores and first_er
 ``stop_token_id`` is the policy's EOS for a finished new row (a guide's own EOS, or none for a
 reference, is not the policy's to learn), null for one cut at its length limit.
 A new row joins only when it verifies (correct) and fits the policy's response budget
-(generate.max_tokens tokens, so train-step sees no longer rows than generate writes); else it is
+(generate.max_tokens trained tokens, the eos it ends with included, so at most max_tokens - 1 ids
+for a finished row: train-step sees no longer rows than generate writes); else it is
 retried (model guide) or dropped and counted. rectify.mode = replace (the parent gets
 ``in_batch = false``) or augment (both stay; train-step trains the parent only from its first wrong
 step). Policy rows have origin "policy", parent_sample_idx, offpolicy_start, kept_text and
 guide_text null. A new row follows its parent in the table.
 
 Summary counters (manifest): salvaged, rectified (new rows that verified and joined), reference,
-dropped, too_long, no_reference, tries, disagreements (failed rows whose PRM found no wrong step),
-and how much of its parent a rectified row kept: kept_prefix_frac_sum (tokens kept / parent tokens)
+guided (luffy_matched's rows that joined), dropped, too_long, no_reference, same_reference, tries,
+disagreements (failed rows whose PRM found no wrong step), and how much of its parent a rectified row kept: kept_prefix_frac_sum (tokens kept / parent tokens)
 and kept_steps_frac_sum (steps kept / parent steps), summed over rectified rows (so shards add up),
 and their means per shard, mean_kept_prefix_frac and mean_kept_steps_frac.
 """
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +61,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.guide import GuideOutput
+from scope_cli.backends.guide import GuideOutput, GuideRequest, OracleGuide
 from scope_cli.backends.steps import load_policy_tokenizer
 from scope_cli.backends.verifier import verify_rows
 from scope_cli.core.config import Config, config_hash
@@ -60,6 +71,7 @@ from scope_cli.core.runs import Run, row_seed
 from scope_cli.core.shards import ShardJob, StageResult, complete_shards, engine_versions, run_shards
 from scope_cli.core.splice import guide_tokens, new_row, splice_request
 from scope_cli.schema import LOCATED, RECTIFIED
+from scope_cli.tasks import get_task
 
 CONFIG_KEYS = ["rectify", "run.algo", "run.seed", "verify", "generate.backend", "generate.dtype",
                "generate.max_tokens", "generate.stop"]
@@ -87,18 +99,45 @@ class Salvaged:
                        tokenizer=self.tokenizer, stop=self.stop, **kw)
 
 
+def other_solution(row: dict[str, Any], given: list[str], seed: int, draws: int = 64) -> str | None:
+    """A correct solution of the row's problem that is none of `given`, from the task's exact solver
+    (`task.solve_from` from an empty prefix: for arith another order of the terms) with an rng seeded
+    from `seed`: up to `draws` draws, the first new one wins. None where the task has no solver or
+    no draw is new (e.g. a problem whose terms all read the same has one solution)."""
+    solve = getattr(get_task(row["task"]), "solve_from", None)
+    if solve is None:
+        return None
+    rng = random.Random(f"reference\x00{int(seed)}")
+    for _ in range(draws):
+        text = solve(row["problem"], [], rng)
+        if text not in given:
+            return text
+    return None
+
+
 def reference_rows(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
-    """The prompt's reference solution as a whole trajectory (offpolicy_start 0); a row whose prompt
-    has none gets no candidate (counted: no_reference)."""
+    """The prompt's reference solution as a whole trajectory (offpolicy_start 0) for the first
+    salvaged row of a group; never a copy of one the group already got: its next rows get other
+    correct solutions (`other_solution`, from each new row's seed), or none where the task cannot
+    make one (counted: same_reference; the row stays as it was). A row whose prompt has no
+    reference gets no candidate (counted: no_reference)."""
     out = {}
+    given: dict[str, list[str]] = defaultdict(list)
     for i in todo:
-        reference = s.rows[i].get("solution")
+        row = s.rows[i]
+        reference = row.get("solution")
         if not reference:
             s.counts["no_reference"] += 1
             continue
-        ids = guide_tokens(s.tokenizer, GuideOutput(reference, "stop"))
+        used = given[row["prompt_id"]]
+        text = other_solution(row, used, s.seeds[i]) if used else reference
+        if text is None:
+            s.counts["same_reference"] += 1
+            continue
+        used.append(text)
+        ids = guide_tokens(s.tokenizer, GuideOutput(text, "stop"))
         out[i] = s.new_row(i, origin="reference", ids=ids, offpolicy_start=0, finish_reason="stop",
-                           guide="reference", guide_text=reference)
+                           guide="reference", guide_text=text)
     return out
 
 
@@ -118,6 +157,28 @@ def guide_continuations(s: Salvaged, todo: list[int], attempt: int) -> dict[int,
     return out
 
 
+def guide_solutions(s: Salvaged, todo: list[int], attempt: int) -> dict[int, dict[str, Any]]:
+    """The guide's whole solution, asked as scope asks for a continuation but with nothing kept
+    (`attempt` k: the guide samples with a seed of its own; each row has its own seed). The oracle
+    gives a group no two copies of one solution where the task has another (`other_solution`
+    from the row's seed); where it has none the copy stays, so the rows stay scope's."""
+    requests = [GuideRequest(row=s.rows[i], kept_steps=[], kept_text="", prefix_text="", seed=s.seeds[i])
+                for i in todo]
+    outs = s.guide.continue_(requests, attempt)
+    s.counts["tries"] += len(todo)
+    out = {}
+    given: dict[str, list[str]] = defaultdict(list)
+    for i, guided in zip(todo, outs):
+        used = given[s.rows[i]["prompt_id"]]
+        if isinstance(s.guide, OracleGuide) and guided.text in used:
+            guided = GuideOutput(other_solution(s.rows[i], used, s.seeds[i]) or guided.text, "stop")
+        used.append(guided.text)
+        out[i] = s.new_row(i, origin="guided", ids=guide_tokens(s.tokenizer, guided), offpolicy_start=0,
+                           finish_reason=guided.finish_reason, guide=s.guide.name(s.rows[i]),
+                           guide_text=guided.text)
+    return out
+
+
 @dataclass(frozen=True)
 class Replacement:
     """How an algorithm makes the candidate rows for its salvaged rows: `make(salvaged, todo,
@@ -130,19 +191,23 @@ class Replacement:
 
 REPLACEMENTS: dict[str, Replacement | None] = {
     "grpo": None,  # no replacement rows: the batch is the rollouts
+    "vppo": None,  # none either: train-step masks the failed rows' verified prefixes
     "luffy": Replacement(reference_rows, guided=False),  # the reference solution, whole
     "scope": Replacement(guide_continuations, guided=True),  # the kept prefix + the guide's continuation
+    "luffy_matched": Replacement(guide_solutions, guided=True),  # scope's rows, the guide's whole solution
 }
 
 
 def admit(candidates: dict[int, dict[str, Any]], verifier: Verifies, limit: int,
           accepted: dict[int, dict[str, Any]], counts: dict[str, Any]) -> list[int]:
     """The one accept step: re-verify the candidates; one that is right and within the policy's
-    response budget (`limit` tokens) goes into `accepted`; the others' row indexes are returned."""
+    response budget goes into `accepted`; the others' row indexes are returned. The budget is
+    `limit` trained tokens, as generate's rows: response_ids plus the eos a finished row trains on
+    (stop_token_id), so a row that ends with eos holds at most limit - 1 ids."""
     rejected = []
     for (i, cand), cols in zip(candidates.items(), verifier(list(candidates.values()))):
         cand.update(cols)
-        long = len(cand["response_ids"]) > limit
+        long = len(cand["response_ids"]) + (cand["stop_token_id"] is not None) > limit
         counts["too_long"] += long
         if cand["correct"] and not long:
             accepted[i] = cand
@@ -158,7 +223,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
     and finish_reason."""
     replacement = REPLACEMENTS[cfg.run.algo]
     counts: dict[str, Any] = {"rows_in": len(rows), "salvaged": 0, "rectified": 0, "reference": 0,
-                              "dropped": 0, "no_reference": 0, "too_long": 0, "tries": 0,
+                              "guided": 0, "dropped": 0, "no_reference": 0, "same_reference": 0, "too_long": 0, "tries": 0,
                               "disagreements": 0,
                               "kept_prefix_frac_sum": 0.0, "kept_steps_frac_sum": 0.0}
     for row in rows:
@@ -190,7 +255,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
             if not pending:
                 break
             candidates = replacement.make(made, pending, attempt)
-            # new rows are held to the policy's own response budget
+            # new rows are held to the policy's own response budget (trained tokens, eos included)
             pending = admit(candidates, verifier, cfg.generate.max_tokens, accepted, counts)
         counts["dropped"] = len(pending)
 
@@ -201,6 +266,7 @@ def rectify_rows(rows: list[dict[str, Any]], cfg: Config, round_: int, tokenizer
             counts["kept_steps_frac_sum"] += rows[i]["first_error_step"] / max(parent_steps, 1)
     counts["rectified"] = sum(cand["origin"] == "rectified" for cand in accepted.values())
     counts["reference"] = sum(cand["origin"] == "reference" for cand in accepted.values())
+    counts["guided"] = sum(cand["origin"] == "guided" for cand in accepted.values())
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         replaced = i in accepted and cfg.rectify.mode == "replace"
@@ -226,12 +292,12 @@ def rectify(run: Run, round_: int, *, force: bool = False, worker: tuple[int, in
 
     def compute(res: StageResources, path: Path):
         rows = read_shard(path, LOCATED).to_pylist()
-        if cfg.run.algo == "grpo" or not any(r["salvage"] for r in rows):
+        if REPLACEMENTS[cfg.run.algo] is None or not any(r["salvage"] for r in rows):
             out, counts = rectify_rows(rows, cfg, round_, None, None, None)
         else:
             if not tokenizer:
                 tokenizer.append(load_policy_tokenizer(run.input_policy(round_), cfg.policy.trust_remote_code))
-            guide = res.guide() if cfg.run.algo == "scope" else None
+            guide = res.guide() if REPLACEMENTS[cfg.run.algo].guided else None
             out, counts = rectify_rows(rows, cfg, round_, tokenizer[0], guide,
                                        lambda new: verify_rows(res.verifier(), new, cfg.verify))
         return pa.Table.from_pylist(out, schema=RECTIFIED), counts

@@ -18,7 +18,8 @@ What it does, in order:
    over the whole batch, once, before any minibatch or process split (train.advantage: grpo | drgrpo |
    grpo_split); groups with all-zero advantages are dropped. Per-token masks: tokens at or after
    offpolicy_start are off-policy (guide tokens); in rectify.mode = "augment" a failed parent trains
-   only from its first wrong step on. A row that ended on an end-of-sequence token trains on it too
+   only from its first wrong step on, and so does, under run.algo = "vppo", every policy row with a
+   negative advantage and a located first error (its verified prefix is not penalised). A row that ended on an end-of-sequence token trains on it too
    (stop_token_id: the one sampled; runs without the column: the tokenizer's eos).
 2. Old log-probs: recomputed with policy-(R-1) under logits / T (T = generate.temperature), the same
    distribution the new log-probs and the off-policy π use. Sampling must have used top_p = 1 and no
@@ -68,7 +69,7 @@ from scope_cli.backends.training import (
     wrap_model,
 )
 from scope_cli.console import make_console, progress_bars
-from scope_cli.core.config import config_hash
+from scope_cli.core.config import Config, config_hash
 from scope_cli.core.files import check_inside_run, manifest_path, read_stage, write_parquet_atomic
 from scope_cli.core.loggers import log_rounds
 from scope_cli.core.manifests import record as file_digest
@@ -85,6 +86,12 @@ from scope_cli.tempfiles import remove_stale_temps
 CONFIG_KEYS = ["train", "generate.temperature", "generate.top_p", "generate.top_k",
                "generate.max_tokens", "generate.stop", "rectify.mode", "run.seed", "policy.dtype"]
 METRICS_FILE = "metrics.parquet"
+
+
+def config_keys(cfg: Config) -> list[str]:
+    """CONFIG_KEYS, and run.algo where it changes what the batch trains (vppo's masks; the other
+    algorithms differ only in their rectified/ input, whose digest the manifest holds)."""
+    return CONFIG_KEYS + ["run.algo"] if cfg.run.algo == "vppo" else CONFIG_KEYS
 
 
 def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
@@ -115,7 +122,7 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
     cfg = run.config
     t = cfg.train
     out_policy, train_dir = run.policy_dir(round_), run.train_dir(round_)
-    cfg_hash = config_hash(cfg, CONFIG_KEYS)
+    cfg_hash = config_hash(cfg, config_keys(cfg))
     if not force and is_done(run, round_, cfg_hash):
         if os.environ.get("RANK", "0") == "0":
             make_console(stderr=True, quiet=quiet).print(
@@ -234,7 +241,7 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
         n_up = max(len(metrics), 1)
         write_manifest(
             manifest_path(train_dir, 0), "train-step", [file_digest(p, run.root) for p in inputs],
-            file_digest(train_dir / METRICS_FILE, train_dir), cfg_hash, CONFIG_KEYS,
+            file_digest(train_dir / METRICS_FILE, train_dir), cfg_hash, config_keys(cfg),
             outputs=state_records.result(), engines=engine_versions("torch", "transformers"),
             rows=counts["rows_trained"], seconds=seconds,
             summary={**counts, "updates": len(metrics), "tokens": tokens,

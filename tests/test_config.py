@@ -39,7 +39,7 @@ def test_defaults_then_toml_then_set(tmp_path):
         ("generate.n=abc", "expected an integer, got 'abc'"),
         ("generate.n=0", "generate.n: got 0, expected an integer >= 1 and <= 1024"),
         ("generate.n=-2", "generate.n: got -2, expected an integer >= 1 and <= 1024"),
-        ("run.algo=ppo", "run.algo: expected one of grpo, luffy, scope, got 'ppo'"),
+        ("run.algo=ppo", "run.algo: expected one of grpo, luffy, scope, luffy_matched, vppo, got 'ppo'"),
         ("train.fsdp=maybe", "expected true or false"),
         ("generate", "expected section.key=value"),
     ],
@@ -100,10 +100,10 @@ def choice_keys() -> dict[str, tuple[tuple[str, ...], bool]]:
 
 def test_choice_keys_are_found():
     keys = choice_keys()
-    assert keys["run.algo"] == (("grpo", "luffy", "scope"), False)
+    assert keys["run.algo"] == (("grpo", "luffy", "scope", "luffy_matched", "vppo"), False)
     assert keys["run.loggers"] == (("tensorboard", "wandb"), True)
     assert keys["train.packing"] == (("auto", "on", "off"), False)
-    assert len(keys) == 21  # every `a | b` key of the sections, none left as a plain str
+    assert len(keys) == 22  # every `a | b` key of the sections, none left as a plain str
     assert "prm.device" not in keys  # cuda:N is open-ended: a plain string
 
 
@@ -122,7 +122,7 @@ def test_validation_accepts_every_choice_and_refuses_others():
             load_config(None, [f"{dotted}=nope"])
         expected = "a list of" if is_list else "one of"
         assert str(err.value) == f"{dotted}: expected {expected} {', '.join(values)}, got 'nope'"
-    assert key_choices("run.algo") == ("grpo", "luffy", "scope")
+    assert key_choices("run.algo") == ("grpo", "luffy", "scope", "luffy_matched", "vppo")
     assert key_choices("run.seed") == ()
 
 
@@ -158,3 +158,17 @@ def test_prompts_per_shard_above_per_round_is_refused_not_clamped():
         load_config(None, ["generate.prompts_per_round=4"])  # prompts_per_shard: 32 by default
     assert str(err.value) == ("generate.prompts_per_shard: got 32, expected at most "
                               "generate.prompts_per_round (4)")
+
+
+def test_a_key_added_later_keeps_the_hash_of_earlier_runs_at_its_default():
+    """locate.order was added after runs were made: at its default (longest) the stages that read
+    the locate section hash as they did before it existed (the values below), so finished stages of
+    those runs stay done; set to random, the hash changes and locate-error recomputes."""
+    from stages import locate_error, rectify
+
+    keys = locate_error.CONFIG_KEYS
+    assert config_hash(Config(), keys) == "8642ee590b5e9f7c"
+    assert config_hash(load_config(None, ["run.algo=luffy"]), keys) == "7e95c37c20b71d71"
+    assert config_hash(Config(), rectify.CONFIG_KEYS) == "270830f7de378e2f"
+    assert config_hash(load_config(None, ["locate.order=random"]), keys) != "8642ee590b5e9f7c"
+    assert config_hash(load_config(None, ["locate.order=longest"]), keys) == "8642ee590b5e9f7c"

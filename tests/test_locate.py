@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from scope_cli.locate import apply_noise, first_error, group_limit, processbench, select
+from scope_cli.locate import apply_noise, first_error, group_limit, processbench, salvage_order, select
 from scope_cli.models.tiny import build_arith_tokenizer, init_tiny_policy
 from scope_cli.core.files import read_stage_df
 from scope_cli.sections import LocateConfig
@@ -138,8 +138,8 @@ def rule_scores(n, first):
     return [1.0] * n if first is None else [1.0] * first + [0.0] * (n - first)
 
 
-def salvaged(rows, algo="scope", mode="replace", **locate):
-    firsts, salvage, counts = select(rows, LocateConfig(**locate), algo, mode)
+def salvaged(rows, algo="scope", mode="replace", seed=0, round_=0, **locate):
+    firsts, salvage, counts = select(rows, LocateConfig(**locate), algo, mode, seed, round_)
     return [r["sample_idx"] for r, s in zip(rows, salvage) if s], firsts, counts
 
 
@@ -268,3 +268,37 @@ def test_locate_stage_on_scored_rows(tmp_path):
     assert got[("3+4+2", 1)] == (0, False)
     manifest = json.loads((run.stage_dir(1, "located") / "_manifest" / "shard-00000.json").read_text())
     assert manifest["summary"]["salvaged"] == 4 and manifest["summary"]["groups_all_wrong"] == 1
+
+
+# ---- locate.order: the order qualifying rows are salvaged in ----------------------------------------
+FIRSTS = {0: 1, 1: 3, 2: 2, 3: 3, 4: 1}  # row index -> first wrong step; sample_idx = 10 + row index
+
+
+@pytest.mark.parametrize("order, seed, round_, pid, expected", [
+    ("longest", 0, 1, "a", [1, 3, 2, 0, 4]),  # step 3 (ties: lower sample_idx), step 2, step 1
+    ("longest", 7, 2, "b", [1, 3, 2, 0, 4]),  # longest ignores the seed
+    # random: rows in sample_idx order shuffled by random.Random("salvage\0<seed>\0<round>\0<pid>")
+    ("random", 0, 1, "a", [2, 0, 4, 3, 1]),
+    ("random", 0, 2, "a", [4, 0, 3, 1, 2]),  # another round
+    ("random", 7, 1, "a", [3, 1, 0, 4, 2]),  # another run.seed
+    ("random", 0, 1, "b", [3, 4, 1, 2, 0]),  # another prompt
+])
+def test_salvage_order(order, seed, round_, pid, expected):
+    sample_idx = {i: 10 + i for i in FIRSTS}
+    assert salvage_order(FIRSTS, sample_idx, order, seed, round_, pid) == expected
+    backwards = dict(reversed(list(FIRSTS.items())))  # the rows' order in the table does not matter
+    assert salvage_order(backwards, sample_idx, order, seed, round_, pid) == expected
+
+
+def test_random_order_salvages_the_first_qualifying_rows_of_the_shuffle():
+    rows = [row("a", 10 + i, False, rule_scores(4, f)) for i, f in FIRSTS.items()]
+    rows.append(row("a", 15, False, rule_scores(4, 0)))  # nothing to keep: never a candidate
+    assert sorted(salvaged(rows, round_=1)[0]) == [11, 13]  # longest: the step-3 errors
+    assert sorted(salvaged(rows, round_=1, order="random")[0]) == [10, 12]  # rows 2, 0 of the shuffle
+    assert sorted(salvaged(rows, round_=2, order="random")[0]) == [10, 14]  # rows 4, 0
+    for algo in ("scope", "luffy_matched"):  # the same rows for both; luffy keeps its own rule
+        assert sorted(salvaged(rows, algo, round_=2, order="random")[0]) == [10, 14]
+    assert sorted(salvaged(rows, "luffy", round_=2, order="random")[0]) == [10, 11]
+    for algo in ("grpo", "vppo"):  # nothing salvaged; the first errors are still found (vppo's use)
+        got, firsts, _ = salvaged(rows, algo, order="random")
+        assert got == [] and firsts == [*FIRSTS.values(), 0]

@@ -71,6 +71,31 @@ def test_loss_start_is_the_first_wrong_token(first_error, ends, start):
     assert obj.loss_start(first_error, ends) == start
 
 
+@pytest.mark.parametrize("adv, first_error, ends, start", [
+    (-0.8, 2, [3, 7, 12], 7),  # failed, step 2 wrong: steps 0-1 (tokens 0..6) are not penalised
+    (-0.8, 1, [3, 7, 12], 3),
+    (-0.8, 0, [3, 7, 12], 0),  # step 0 wrong: nothing verified, the whole row is penalised
+    (-0.8, None, [3, 7, 12], 0),  # no wrong step located (PRM and verifier disagree): as grpo
+    (-0.8, 1, [], 0),  # no steps known
+    (0.9, None, [3, 7], 0),  # a correct row: as grpo
+    (0.9, 1, [3, 7], 0),  # a positive advantage is never masked
+    (0.0, 1, [3, 7], 0),
+])
+def test_verified_prefix_start(adv, first_error, ends, start):
+    """VPPO: a row with a negative advantage trains from its first wrong step on."""
+    assert obj.verified_prefix_start(adv, first_error, ends) == start
+
+
+def test_vppo_masked_row_weights():
+    """A failed row of 6 tokens whose first 4 are verified trains 2 tokens: with token-mean over a
+    minibatch with a correct row of 4 tokens, each trained token weighs 1/6 (not 1/10)."""
+    start = obj.verified_prefix_start(-1.0, 2, [2, 4, 6])
+    on, _ = obj.token_masks(6, None, start)
+    assert start == 4 and on.astype(int).tolist() == [0, 0, 0, 0, 1, 1]
+    w = obj.token_weights("token-mean", [int(on.sum()), 4], 6, 2, 1)
+    assert w.tolist() == [1 / 6, 1 / 6]
+
+
 @pytest.mark.parametrize("length, off_start, start, on, off", [
     (6, None, 0, [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]),  # a policy row
     (6, 4, 0, [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]),  # rectified: prefix on-policy, guide off

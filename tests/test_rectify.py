@@ -30,13 +30,13 @@ def groups():
     return mixed + all_wrong
 
 
-def run_round(tmp_path, policy, overrides=()):
+def run_round(tmp_path, policy, overrides=(), rows=None):
     from stages.locate_error import locate_error
     from stages.prm_score import prm_score
     from stages.rectify import rectify
 
     run = make_run(tmp_path / "run", policy, list(overrides))
-    write_verified(run, 1, [groups()])
+    write_verified(run, 1, [rows or groups()])
     prm_score(run, 1, quiet=True)
     locate_error(run, 1, quiet=True)
     rectify(run, 1, quiet=True)
@@ -131,9 +131,12 @@ def test_luffy_replaces_with_the_reference_and_grpo_passes_through(tmp_path, pol
     ref = df.filter(pl.col("origin") == "reference")
     assert ref.height == 4
     for row in ref.iter_rows(named=True):
-        assert row["offpolicy_start"] == 0 and row["response"] == row["solution"]
-        assert row["kept_text"] == "" and row["guide_text"] == row["solution"]
+        assert row["offpolicy_start"] == 0 and row["kept_text"] == "" and row["guide_text"] == row["response"]
         assert all(v is None for v in row["response_logprobs"]) and row["reward"] == 1.0
+        assert arith.first_error_step(row["problem"], row["response"]) is None
+    # per group: the first salvaged row gets the reference, the next another correct solution
+    for pid, g in ref.sort("parent_sample_idx").group_by("prompt_id", maintain_order=True):
+        assert g["response"][0] == g["solution"][0] and g["response"].n_unique() == g.height == 2
     check_texts(df, "reference")
     replaced = df.filter((pl.col("origin") == "policy") & ~pl.col("in_batch"))
     assert replaced.height == 4 and not replaced["correct"].any()
@@ -356,25 +359,29 @@ def exact(rows):
 
 @pytest.mark.parametrize("algo, origin, counters", [
     ("grpo", None, {"salvaged": 0, "rectified": 0, "reference": 0, "tries": 0, "dropped": 0}),
+    ("vppo", None, {"salvaged": 0, "rectified": 0, "reference": 0, "tries": 0, "dropped": 0}),
     ("luffy", "reference", {"salvaged": 4, "rectified": 0, "reference": 4, "tries": 0, "dropped": 0}),
     ("scope", "rectified", {"salvaged": 4, "rectified": 4, "reference": 0, "tries": 4, "dropped": 0}),
+    ("luffy_matched", "guided", {"salvaged": 4, "rectified": 0, "guided": 4, "tries": 4, "dropped": 0}),
 ])
 def test_each_algorithm_makes_its_own_candidate_rows(algo, origin, counters):
-    """grpo: none; luffy: the reference solution, whole; scope: the kept prefix + the guide's text."""
+    """grpo: none; luffy: the reference solution, whole; scope: the kept prefix + the guide's text;
+    luffy_matched: the guide's whole solution."""
     from scope_cli.backends.guide import OracleGuide
     from stages.rectify import REPLACEMENTS, rectify_rows
 
-    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope"}
+    assert set(REPLACEMENTS) == {"grpo", "luffy", "scope", "luffy_matched", "vppo"}
     cfg = Config()
     cfg.run.algo = algo
     tok = build_arith_tokenizer()
     rows = located_rows(cfg, tok)
-    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide() if algo == "scope" else None, exact)
+    guided = REPLACEMENTS[algo] is not None and REPLACEMENTS[algo].guided
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide() if guided else None, exact)
     new = [r for r in out if r["origin"] != "policy"]
     assert [r["origin"] for r in new] == [origin] * len(new)
     assert {k: counts[k] for k in counters} == counters and len(out) == len(rows) + len(new)
     for r in new:
-        assert (r["offpolicy_start"] == 0) == (algo == "luffy")
+        assert (r["offpolicy_start"] == 0) == (algo in ("luffy", "luffy_matched"))
     assert counts["mean_kept_steps_frac"] == (pytest.approx(11 / 24) if algo == "scope" else None)
 
 
@@ -399,3 +406,156 @@ def test_references_are_made_once_and_a_missing_one_is_counted_not_dropped():
     out, counts = rectify_rows(rows, cfg, 1, tok, None, wrong)
     assert calls == [2] and counts["no_reference"] == 2 and counts["dropped"] == 2
     assert counts["reference"] == 0 and len(out) == len(rows) and all(r["in_batch"] for r in out)
+
+
+# ---- luffy_matched: scope's rows, the guide's whole solution ----------------------------------------
+def partly_qualifying_groups():
+    """Groups where not every failure qualifies for salvage: early failures (first error at step 0,
+    or at step 1 when two kept steps are asked for) come first by sample_idx, so picking by
+    sample_idx (luffy) and by the PRM's longest prefix (scope) give different rows."""
+    tok = build_arith_tokenizer()
+    mixed = group(tok, PROBLEM, [WRONG_AT_0, RIGHT, WRONG_AT_0, WRONG_AT_1, WRONG_ANSWER, RIGHT_2])
+    # 4+3-2-5 = 0: failures with first errors at steps 0, 1, 3 (the boxed answer), 2
+    all_wrong = group(tok, "4+3-2-5", ["4+3=8;8-2=6;6-5=1;\\boxed{1}", "4+3=7;7-2=4;4-5=9;\\boxed{9}",
+                                       "4+3=7;7-2=5;5-5=0;\\boxed{1}", "4+3=7;7-2=5;5-5=1;\\boxed{1}"])
+    return mixed + all_wrong
+
+
+def replaced(df):
+    return sorted(df.filter((pl.col("origin") == "policy") & ~pl.col("in_batch"))
+                  .select("prompt_id", "sample_idx").iter_rows())
+
+
+@pytest.mark.parametrize("min_prefix_steps, expected", [
+    (1, {PROBLEM: [3, 4], "4+3-2-5": [2, 3]}),  # longest prefix first: f = 2, 1 | f = 3, 2
+    (2, {PROBLEM: [4], "4+3-2-5": [2, 3]}),  # only f >= 2 qualifies: one row of the mixed group
+])
+def test_luffy_matched_replaces_exactly_the_rows_scope_replaces(tmp_path, policy, min_prefix_steps, expected):
+    """Where not every failure qualifies, luffy_matched and scope replace the same (prompt_id,
+    sample_idx) rows (plain luffy does not); luffy_matched's rows are the guide's whole solutions
+    (offpolicy_start 0, nothing kept), verified correct, and differ from one another."""
+    from scope_rows import prompt_id
+
+    rows = partly_qualifying_groups()
+    over = [f"locate.min_prefix_steps={min_prefix_steps}"]
+    runs = {algo: run_round(tmp_path / algo, policy, [f"run.algo={algo}", *over], rows)
+            for algo in ("scope", "luffy_matched", "luffy")}
+    dfs = {algo: read_stage_df(r.stage_dir(1, "rectified")) for algo, r in runs.items()}
+    want = sorted((prompt_id(p), i) for p, idx in expected.items() for i in idx)
+    assert replaced(dfs["scope"]) == replaced(dfs["luffy_matched"]) == want
+    assert replaced(dfs["luffy"]) != want  # lowest sample_idx first: the early failures
+    # the PRM ran for luffy_matched as for scope
+    scored = read_stage_df(runs["luffy_matched"].stage_dir(1, "scored"))
+    assert scored.filter(~pl.col("correct"))["step_scores"].null_count() == 0
+
+    df = dfs["luffy_matched"]
+    new = df.filter(pl.col("origin") == "guided")
+    assert new.height == len(want) and not df.filter(pl.col("origin") == "rectified").height
+    assert sorted(new.select("prompt_id", "parent_sample_idx").iter_rows()) == want
+    check_texts(df, "oracle:arith")
+    eos = build_arith_tokenizer().eos_token_id
+    for row in new.iter_rows(named=True):
+        assert row["offpolicy_start"] == 0 and row["kept_text"] == "" and row["guide_text"] == row["response"]
+        assert all(v is None for v in row["response_logprobs"])
+        assert row["correct"] and row["reward"] == 1.0 and row["verify_status"] == "ok"
+        assert arith.first_error_step(row["problem"], row["response"]) is None
+        assert row["finish_reason"] == "stop" and row["stop_token_id"] == eos
+    # each row has its own seed, and the oracle's solutions differ within a group where they can
+    # (7+5-7 has two orders, 4+3-2-5 six)
+    for pid, g in new.group_by("prompt_id"):
+        assert g["seed"].n_unique() == g["response"].n_unique() == g.height
+    summary = read_manifest(runs["luffy_matched"])["summary"]
+    assert summary["guided"] == new.height == summary["salvaged"] and summary["rectified"] == 0
+
+
+# ---- luffy: never two copies of one trace in a group --------------------------------------------------
+def test_luffy_gives_a_group_distinct_solutions_or_one():
+    """The group's first salvaged row gets the reference; the next ones other correct orders from the
+    solver, drawn from their own seeds (the same every time); a problem with one solution (its two
+    terms read the same: +2, +2) gets it once and the second row stays (same_reference)."""
+    from stages.rectify import rectify_rows
+
+    cfg = Config()
+    cfg.run.algo = "luffy"
+    cfg.locate.max_per_group = 3
+    tok = build_arith_tokenizer()
+    rows = (group(tok, "1+2-3+4", ["1+2=4;\\boxed{5}", "1+2=3;3-3=0;\\boxed{0}", "1+4=6;\\boxed{6}"])
+            + group(tok, "3+2+2", ["3+2=6;\\boxed{6}", "3+2=5;5+2=8;\\boxed{8}"]))
+    located = located_rows(cfg, tok, rows)
+    out, counts = rectify_rows(located, cfg, 1, tok, None, exact)
+    again, _ = rectify_rows(located_rows(cfg, tok, rows), cfg, 1, tok, None, exact)
+    assert out == again
+    new = [r for r in out if r["origin"] == "reference"]
+    assert [(r["problem"], r["parent_sample_idx"]) for r in new] == [
+        ("1+2-3+4", 0), ("1+2-3+4", 1), ("1+2-3+4", 2), ("3+2+2", 0)]
+    long = [r["response"] for r in new if r["problem"] == "1+2-3+4"]
+    assert long[0] == rows[0]["solution"] and len(set(long)) == 3
+    assert all(arith.first_error_step(r["problem"], r["response"]) is None for r in new)
+    assert counts["same_reference"] == 1 and counts["reference"] == 4 and counts["dropped"] == 0
+    assert [r["in_batch"] for r in out if r["problem"] == "3+2+2" and r["origin"] == "policy"] == [False, True]
+
+
+def test_other_solution_needs_a_solver_and_a_new_trace():
+    from stages.rectify import other_solution
+
+    row = {"task": "arith", "problem": "7+5-7"}
+    first = other_solution(row, [], 3)
+    second = other_solution(row, [first], 3)
+    assert {first, second} == {"7+5=2;2-7=5;\\boxed{5}", "7-7=0;0+5=5;\\boxed{5}"}
+    assert other_solution(row, [first, second], 3) is None  # two terms: two orders, no third
+    assert other_solution({"task": "math", "problem": "1+1"}, ["2"], 3) is None  # no exact solver
+
+
+@pytest.mark.parametrize("max_tokens, stop, joins", [
+    (15, [], False),  # 15 ids + the eos it trains on: 16 trained tokens, one over
+    (16, [], True),  # 15 ids + eos = 16: exactly the budget
+    (15, ["}"], True),  # ended by a stop string: no eos trained, 15 ids fit
+    (14, ["}"], False),
+])
+def test_new_rows_fit_the_budget_with_their_eos(max_tokens, stop, joins):
+    """generate.max_tokens bounds the trained tokens of a new row (response_ids plus the eos a
+    finished row trains on), as of a rollout: at most max_tokens - 1 ids where eos follows."""
+    from scope_cli.backends.guide import OracleGuide
+    from stages.rectify import rectify_rows
+
+    cfg = Config()
+    cfg.generate.max_tokens, cfg.generate.stop = max_tokens, stop
+    tok = build_arith_tokenizer()
+    rows = located_rows(cfg, tok)
+    out, counts = rectify_rows(rows, cfg, 1, tok, OracleGuide(), exact)
+    new = [r for r in out if r["origin"] == "rectified"]
+    assert len(new) == (4 if joins else 0) and counts["too_long"] == (0 if joins else 4)
+    for r in new:  # every complete solution of 7+5-7 and 3+4+2 is 15 tokens
+        assert len(r["response_ids"]) == 15 and (r["stop_token_id"] is None) == bool(stop)
+
+
+def test_vppo_scores_and_locates_but_adds_no_rows(tmp_path, policy):
+    """run.algo = vppo: prm-score and locate-error run as for scope (first errors for train-step),
+    nothing is salvaged and rectify passes every row through."""
+    run = run_round(tmp_path, policy, ["run.algo=vppo"])
+    located = read_stage_df(run.stage_dir(1, "located"))
+    failed = located.filter(~pl.col("correct"))
+    assert failed["step_scores"].null_count() == 0 and failed["first_error_step"].null_count() == 0
+    assert not located["salvage"].any()
+    df = read_stage_df(run.stage_dir(1, "rectified"))
+    assert df.height == 9 and (df["origin"] == "policy").all() and df["in_batch"].all()
+    assert df["first_error_step"].to_list() == located["first_error_step"].to_list()
+
+
+def test_luffy_matched_oracle_gives_a_group_no_two_copies_where_the_task_has_another():
+    """An oracle that repeats itself: the group's second row gets the task's other order, the third
+    (7+5-7 has only two) keeps the copy, so the rows replaced stay scope's."""
+    from scope_cli.backends.guide import GuideOutput, OracleGuide
+    from stages.rectify import rectify_rows
+
+    class RepeatingOracle(OracleGuide):
+        def continue_(self, requests, attempt=0):
+            return [GuideOutput(RIGHT, "stop") for _ in requests]
+
+    cfg = Config()
+    cfg.run.algo, cfg.locate.min_prefix_steps, cfg.locate.max_per_group = "luffy_matched", 0, 3
+    tok = build_arith_tokenizer()
+    rows = located_rows(cfg, tok, [r for r in partly_qualifying_groups() if r["problem"] == PROBLEM])
+    out, counts = rectify_rows(rows, cfg, 1, tok, RepeatingOracle(), exact)
+    new = [r["response"] for r in out if r["origin"] == "guided"]
+    assert new == [RIGHT, RIGHT_2, RIGHT] and counts["guided"] == 3

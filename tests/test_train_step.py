@@ -195,6 +195,34 @@ def test_augment_parent_trains_from_its_first_error(table):
     assert {tuple(b.response): b for b in batch}[tuple(parent["response_ids"])].on.all()
 
 
+def test_vppo_trains_failed_rows_from_their_first_error(table):
+    """run.algo = vppo: the same rows and advantages as grpo; a failed row with a located first
+    wrong step trains only from it (its verified prefix is not penalised), every other row whole."""
+    run, rows = table
+    rows = [dict(r, in_batch=True, salvage=False) for r in rows if r["origin"] == "policy"]
+    vppo, vppo_counts = _batch(run, rows, "run.algo=vppo")
+    grpo, grpo_counts = _batch(run, rows, "run.algo=grpo")
+    assert vppo_counts == grpo_counts and [b.adv for b in vppo] == [b.adv for b in grpo]
+    by_ids = {tuple(r["response_ids"]): r for r in rows}
+    masked = 0
+    for v, g in zip(vppo, grpo):
+        row = by_ids[tuple(v.response)]
+        assert g.on.all() and not v.off.any()
+        fe = row["first_error_step"]
+        start = row["step_token_ends"][fe - 1] if v.adv < 0 and fe else 0
+        assert v.on.tolist() == [i >= start for i in range(len(v.response))]
+        masked += start > 0
+    assert masked >= 2  # each prompt's "bad" row (wrong at step 1) keeps its step 0 unpenalised
+
+
+def test_vppo_is_in_the_train_step_hash_only_where_it_changes_the_batch():
+    from scope_cli.core.config import load_config
+    from stages.train_step import CONFIG_KEYS, config_keys
+
+    assert config_keys(load_config(None, ["run.algo=scope"])) == CONFIG_KEYS
+    assert config_keys(load_config(None, ["run.algo=vppo"])) == [*CONFIG_KEYS, "run.algo"]
+
+
 def test_rows_out_of_batch_unverified_and_flat_groups(table):
     run, rows = table
     rows = [dict(r) for r in rows]

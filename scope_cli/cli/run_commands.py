@@ -25,7 +25,9 @@ from scope_cli.cli.options import (
 from scope_cli.core.config import key_choices
 from scope_cli.errors import ScopeError
 
-ALGOS = key_choices("run.algo")  # the arms `scope compare` can run
+# the arms `scope compare` runs by default: the three the recorded tables (docs/RESULTS.md) compare;
+# luffy_matched and vppo (and arms with their own settings) through --algos
+DEFAULT_ARMS = "grpo,luffy,scope"
 
 
 @one_line_errors
@@ -99,7 +101,7 @@ def compare(
     algos: Annotated[list[str], typer.Option(
         "--algos", help="comma-separated arms: a run.algo value, or name=algo followed by its own "
         "section.key=value settings (grpo,scope,scope-split=scope,train.advantage=grpo_split); "
-        "repeatable")] = [",".join(ALGOS)],  # noqa: B006 (typer reads it, nothing mutates it)
+        "repeatable")] = [DEFAULT_ARMS],  # noqa: B006 (typer reads it, nothing mutates it)
     jobs: Annotated[int, typer.Option("--jobs", help="arms run at once (default: CPU count)")] = 0,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -336,6 +336,16 @@ def operational_keys() -> set[str]:
     return out
 
 
+def added_defaults() -> dict[str, Any]:
+    """The keys marked `added` (sections.key) and their defaults."""
+    out = {}
+    for sec_field in fields(Config):
+        for f in fields(sec_field.default_factory()):  # type: ignore[misc]
+            if f.metadata.get("added"):
+                out[f"{sec_field.name}.{f.name}"] = f.default
+    return out
+
+
 def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
 
@@ -347,15 +357,19 @@ def differing_keys(old: Config, new: Config, include_operational: bool = False) 
 
 
 def config_hash(cfg: Config, keys: list[str]) -> str:
-    """Hash of the values of `keys` (sections or section.key), operational keys left out."""
+    """Hash of the values of `keys` (sections or section.key), operational keys left out, and keys
+    added after runs were made (`added`) left out while at their default: the hash those runs wrote."""
     skip = operational_keys()
     flat = flatten(cfg)
+    unset = {k for k, default in added_defaults().items() if flat[k] == default}
     picked = {}
     for key in sorted(keys):
         if "." in key:
             cfg.get(key)  # raises on a typo in a stage's declaration
-            picked[key] = flat[key]
+            if key not in unset:
+                picked[key] = flat[key]
         else:
-            picked.update({k: v for k, v in flat.items() if k.startswith(key + ".") and k not in skip})
+            picked.update({k: v for k, v in flat.items()
+                           if k.startswith(key + ".") and k not in skip and k not in unset})
     blob = json.dumps(picked, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

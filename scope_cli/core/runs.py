@@ -264,6 +264,8 @@ def training_metrics(run: Any, round_: int) -> dict[str, float]:
     if rectified is not None and "origin" in rectified.columns:
         out["rectified"] = float((rectified["origin"] == "rectified").sum())
         out["reference"] = float((rectified["origin"] == "reference").sum())
+        if (rectified["origin"] == "guided").any():  # luffy_matched's rows
+            out["guided"] = float((rectified["origin"] == "guided").sum())
         if "in_batch" in rectified.columns:
             out["batch_rows"] = float(rectified["in_batch"].fill_null(False).sum())
     train_file = run.train_dir(round_) / "metrics.parquet"

@@ -6,7 +6,8 @@ are dropped with train.drop_unverified); advantages per prompt group over the wh
 before any minibatch or process split (train.advantage: grpo | drgrpo | grpo_split); groups with
 all-zero advantages are dropped. Per-token masks: tokens at or after offpolicy_start are off-policy
 (guide tokens); in rectify.mode = "augment" a failed parent trains only from its first wrong step on
-(its correct prefix is shared with its rectified child). The trained tokens are response_ids plus the
+(its correct prefix is shared with its rectified child); under run.algo = "vppo" so does every
+policy row with a negative advantage and a located first error (`verified_prefix_start`). The trained tokens are response_ids plus the
 end-of-sequence token that ended the row (`trained_tokens`).
 """
 
@@ -129,6 +130,8 @@ def build_batch(table: pa.Table, cfg: Config, policy_name: str,
         if (cfg.rectify.mode == "augment" and origin[i] == "policy"
                 and (cols["prompt_id"][i], cols["sample_idx"][i]) in children):
             start = obj.loss_start(cols["first_error_step"][i], cols["step_token_ends"][i])
+        if cfg.run.algo == "vppo" and origin[i] == "policy":  # the verified prefix is not penalised
+            start = obj.verified_prefix_start(adv[i], cols["first_error_step"][i], cols["step_token_ends"][i])
         off_start = cols["offpolicy_start"][i]
         if off_start is not None and not 0 <= off_start <= len(response):
             raise TrainError(f"{where}: offpolicy_start {off_start} outside the response "
