@@ -22,7 +22,6 @@ from scope_cli.cli.options import (
     peek_run,
     run_path,
 )
-from scope_cli.core.config import key_choices
 from scope_cli.errors import ScopeError
 
 # the arms `scope compare` runs by default: the three the recorded tables (docs/RESULTS.md) compare;
