@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,18 @@ def write_failure(exc: BaseException, path: Path) -> BaseException:
     reason = (exc.strerror if isinstance(exc, OSError) else None) or (str(exc).splitlines() or [""])[0]
     return WriteError(f"{path}: cannot write ({reason or type(exc).__name__}); nothing was left under "
                       "this name, rerun once there is space or permission")
+
+
+@contextmanager
+def write_errors_named(path: Path) -> Iterator[None]:
+    """Within the block, a failed write (see `write_failure`) is raised as one line naming `path`."""
+    try:
+        yield
+    except BaseException as exc:
+        failure = write_failure(exc, path)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def env_int(name: str, default: str | None = None) -> int:

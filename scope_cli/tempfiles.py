@@ -121,11 +121,9 @@ def make_temp_dir(parent: Path, name: str) -> Path:
 @contextmanager
 def folder_written_whole(dst: Path) -> Iterator[Path]:
     """A temporary folder beside `dst` to fill. When the block ends, its files get the umask's modes
-    and it replaces `dst` in one rename (`swap_folder`); when the block fails, it is removed and a
-    failed write becomes one line (scope_cli.errors.write_failure). What a killed earlier save left
-    beside `dst` is removed first."""
-    from scope_cli.errors import write_failure
-
+    and it replaces `dst` in one rename (`swap_folder`); when the block fails, it is removed. What a
+    killed earlier save left beside `dst` is removed first. (Callers name a failed write in one line
+    with scope_cli.errors.write_errors_named.)"""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dst.parent)
@@ -134,9 +132,6 @@ def folder_written_whole(dst: Path) -> Iterator[Path]:
         yield tmp
         honour_umask_files(tmp)
         swap_folder(tmp, dst)
-    except BaseException as exc:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(exc, dst)
-        if failure is exc:
-            raise
-        raise failure from exc
+        raise

@@ -224,9 +224,10 @@ def save_train_state(state_dir: Path, model, optimizer, info: dict[str, Any], d:
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    from scope_cli.errors import write_errors_named
     from scope_cli.tempfiles import folder_written_whole
 
-    with folder_written_whole(Path(state_dir)) as tmp:
+    with write_errors_named(Path(state_dir)), folder_written_whole(Path(state_dir)) as tmp:
         save_file(tensors, tmp / "optimizer.safetensors",
                   metadata={"param_groups": json.dumps(groups, default=list)})
         rng = {"torch": torch.get_rng_state()}

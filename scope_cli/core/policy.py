@@ -15,7 +15,7 @@ from typing import Any
 
 from scope_cli.backends.hf import ALLOWED_SUFFIXES, PolicyError, check_policy_folder, quiet_transformers
 from scope_cli.core.manifests import damaged, policy_digests, problems, record_lists_problem
-from scope_cli.errors import json_object, read_json_object
+from scope_cli.errors import json_object, read_json_object, write_errors_named
 from scope_cli.tempfiles import folder_written_whole
 
 POLICY_MARKER = "scope-policy.json"
@@ -38,7 +38,7 @@ def copy_policy(src: Path, dst: Path, info: dict | None = None, *, code: bool = 
     check_policy_folder(src)
     if policy_complete(dst) and policy_problem(dst) is None:
         return dst
-    with folder_written_whole(dst) as tmp:  # replaces an incomplete or damaged one
+    with write_errors_named(dst), folder_written_whole(dst) as tmp:  # replaces an incomplete or damaged one
         for p in sorted(src.iterdir()):
             if p.is_file() and (p.suffix in ALLOWED_SUFFIXES or (code and p.suffix == ".py")) \
                     and p.name != POLICY_MARKER:
@@ -87,7 +87,7 @@ def save_policy(model, tokenizer, out_dir: str | Path, info: dict) -> Path:
     replaced only after the new folder is complete."""
     quiet_transformers()
     out = Path(out_dir)
-    with folder_written_whole(out) as tmp:
+    with write_errors_named(out), folder_written_whole(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _portable_tokenizer_config(tmp / "tokenizer_config.json")
