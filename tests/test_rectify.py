@@ -368,7 +368,8 @@ def test_each_algorithm_makes_its_own_candidate_rows(algo, origin, counters):
     """grpo: none; luffy: the reference solution, whole; scope: the kept prefix + the guide's text;
     luffy_matched: the guide's whole solution."""
     from scope_cli.backends.guide import OracleGuide
-    from stages.rectify import REPLACEMENTS, rectify_rows
+    from scope_cli.core.replacements import REPLACEMENTS
+    from stages.rectify import rectify_rows
 
     assert set(REPLACEMENTS) == {"grpo", "luffy", "scope", "luffy_matched", "vppo"}
     cfg = Config()
@@ -496,7 +497,7 @@ def test_luffy_gives_a_group_distinct_solutions_or_one():
 
 
 def test_other_solution_needs_a_solver_and_a_new_trace():
-    from stages.rectify import other_solution
+    from scope_cli.core.replacements import other_solution
 
     row = {"task": "arith", "problem": "7+5-7"}
     first = other_solution(row, [], 3)
