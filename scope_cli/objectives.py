@@ -35,6 +35,12 @@ def effective_rewards(rewards, statuses, drop_unverified: bool) -> tuple[np.ndar
     return r, keep, int(bad.sum())
 
 
+def first_groups_with_signal(order: list[str], signal: set[str], wanted: int) -> list[str]:
+    """Dynamic sampling: the first `wanted` prompt groups, in the round's prompt order, among those
+    with signal (rewards not all equal); the rest of the groups with signal are the surplus."""
+    return [p for p in order if p in signal][:wanted]
+
+
 def group_advantages(rewards, groups, is_policy, mode: str = "grpo",
                      eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt-group advantages over the whole round batch; returns (advantages, dropped) where

@@ -152,6 +152,11 @@ class GenerateConfig:
     # whole prompt groups per rollouts/ shard (a worker's unit): at most prompts_per_round
     prompts_per_shard: int = key(32, Range(ge=1, le=100_000))
     n: int = key(8, Range(ge=1, le=1024))
+    # dynamic sampling (DAPO's, kept paired): a round samples oversample × prompts_per_round prompts,
+    # its own slice first, then extra prompts drawn from (run.seed, round) alone; train-step trains
+    # the first prompts_per_round groups, in that order, whose rewards differ (same updates per
+    # round). 1: off (every group of the round's own slice, as drawn)
+    oversample: int = key(1, Range(ge=1, le=16), added=True)
     # RL sampling: train-step recomputes old log-probs as softmax(logits / temperature), so the
     # distribution sampled from must be exactly that: temperature > 0, top_p = 1, top_k = 0
     temperature: float = key(1.0, Range(gt=0, le=10))

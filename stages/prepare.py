@@ -149,7 +149,10 @@ def prepare(run: Run, force: bool = False, quiet: bool = False) -> dict[str, Any
     summary: dict[str, Any] = {}
     if not already:
         train, evals, counts = build_tables(cfg)
-        check_round_size(cfg.generate.prompts_per_round, len(train), cfg.prepare.source)
+        g = cfg.generate
+        check_round_size(g.prompts_per_round * g.oversample, len(train), cfg.prepare.source,
+                         "generate.prompts_per_round × generate.oversample" if g.oversample > 1
+                         else "generate.prompts_per_round")
         per = cfg.prepare.shard_rows
         chunks = [train[i:i + per] for i in range(0, len(train), per)]
         jobs = [ShardJob(i, source_files, (lambda rows=rows: (to_table(rows), {"rows": len(rows)})))

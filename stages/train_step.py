@@ -76,7 +76,7 @@ from scope_cli.core.manifests import record as file_digest
 from scope_cli.core.manifests import records
 from scope_cli.core.policy import POLICY_MARKER, save_weights
 from scope_cli.core.runs import Run
-from scope_cli.core.shards import complete_shards, engine_versions, shard_lock, write_manifest
+from scope_cli.core.shards import complete_shards, cpu_seconds, engine_versions, shard_lock, write_manifest
 from scope_cli.core.train_batch import NEEDED, build_batch
 from scope_cli.core.train_files import check_inputs, is_done, stage_inputs
 from scope_cli.core.train_update import fixed_logprobs, micro_batch_tokens, resolve_mode, update
@@ -91,7 +91,10 @@ METRICS_FILE = "metrics.parquet"
 def config_keys(cfg: Config) -> list[str]:
     """CONFIG_KEYS, and run.algo where it changes what the batch trains (vppo's masks; the other
     algorithms differ only in their rectified/ input, whose digest the manifest holds)."""
-    return CONFIG_KEYS + ["run.algo"] if cfg.run.algo == "vppo" else CONFIG_KEYS
+    keys = CONFIG_KEYS + ["run.algo"] if cfg.run.algo == "vppo" else CONFIG_KEYS
+    if cfg.generate.oversample > 1:  # dynamic sampling: which groups train
+        keys = keys + ["generate.oversample", "generate.prompts_per_round"]
+    return keys
 
 
 def train_step(run: Run, round_: int, *, force: bool = False, worker: tuple[int, int] = (0, 1),
@@ -143,7 +146,7 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
         checking.shutdown(wait=False)
     d = init_dist()
     console = make_console(stderr=True, quiet=quiet or not d.main)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
 
     # 1. the round batch and its advantages (every process reads all of it)
     try:
@@ -155,7 +158,7 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
         raise
     table = read_stage(run.stage_dir(round_, "rectified"), NEEDED)
     rows, counts = build_batch(table, cfg, in_policy.name, model.config.max_position_embeddings,
-                               tok.eos_token_id)
+                               tok.eos_token_id, run.round_prompt_ids(round_))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # 2. model, optimizer and state; old (and reference) log-probs under policy-(R-1)
@@ -243,7 +246,7 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
             manifest_path(train_dir, 0), "train-step", [file_digest(p, run.root) for p in inputs],
             file_digest(train_dir / METRICS_FILE, train_dir), cfg_hash, config_keys(cfg),
             outputs=state_records.result(), engines=engine_versions("torch", "transformers"),
-            rows=counts["rows_trained"], seconds=seconds,
+            rows=counts["rows_trained"], seconds=seconds, cpu=cpu_seconds() - start_cpu,
             summary={**counts, "updates": len(metrics), "tokens": tokens,
                      "offpolicy_tokens": sum(m["offpolicy_tokens"] for m in metrics)},
             headline={"label": "offpolicy_frac", "num": "offpolicy_tokens", "den": "tokens"},

@@ -132,6 +132,33 @@ def test_summarise_pairs_arms_per_seed(tmp_path):
         assert rows[arm]["ci_high"] - rows[arm]["mean"] == pytest.approx(half, abs=1e-5)
 
 
+def test_run_compute_sums_the_training_stages_manifests(tmp_path):
+    """Hand-written manifests of two rounds: rollouts from generate's rows, guide rows from rectify's
+    counters, tokens and updates from train-step's, wall and CPU seconds over the training stages;
+    eval and rounds past N are left out; CPU only when every manifest has it."""
+    from scope_cli.cli.compare import run_compute
+    from scope_cli.core.files import manifest_path
+    from scope_cli.core.shards import write_manifest
+
+    def manifest(round_, folder, shard, rows, seconds, cpu, summary):
+        path = manifest_path(tmp_path / f"round-{round_:03d}" / folder, shard)
+        write_manifest(path, folder, [], {"path": "x", "size": 1, "sha256": "0" * 64}, "h", [], shard=shard,
+                       rows=rows, seconds=seconds, cpu=cpu, summary=summary)
+
+    for r in (1, 2, 3):
+        manifest(r, "rollouts", 0, 32, 2.0, 1.5, {})
+        manifest(r, "rollouts", 1, 16, 1.0, 0.5, {})
+        manifest(r, "rectified", 0, 50, 0.5, 0.25, {"rectified": 3, "reference": 1, "guided": 0})
+        manifest(r, "train", 0, 40, 10.0, 9.0, {"tokens": 1000, "updates": 4})
+        manifest(r, "eval", 0, 8, 100.0, 100.0, {})
+    assert run_compute(tmp_path, 2) == {"rollouts": 96, "guide_rows": 8, "tokens_trained": 2000, "updates": 8,
+                                        "wall_seconds": 27.0, "cpu_seconds": 22.5}
+    manifest(2, "verified", 0, 48, 1.0, None, {})  # a manifest without cpu_seconds
+    assert run_compute(tmp_path, 2) == {"rollouts": 96, "guide_rows": 8, "tokens_trained": 2000, "updates": 8,
+                                        "wall_seconds": 28.0}
+    assert run_compute(tmp_path / "none", 2) == {}
+
+
 def test_markdown_table_has_arms_and_paired_differences():
     table = [
         {"eval_set": "heldout", "metric": "greedy_acc", "arm": "grpo", "seeds": 3, "mean": 0.5,
@@ -185,3 +212,8 @@ def test_compare_end_to_end(tmp_path):
     assert "split=scope,train.advantage=grpo_split" in (out / "table.md").read_text().splitlines()[0]
     assert (out / "curves.png").stat().st_size > 10_000
     assert "| heldout | greedy_acc |" in (out / "table.md").read_text()
+    # each arm's compute: one round of 4 prompts x 4 samples, one update
+    compute = table.filter(pl.col("eval_set") == "compute", pl.col("arm") == "grpo")
+    values = dict(zip(compute["metric"], compute["mean"]))
+    assert values["rollouts"] == 16 and values["updates"] == 1 and values["guide_rows"] == 0
+    assert values["tokens_trained"] > 0 and values["wall_seconds"] > 0 and values["cpu_seconds"] > 0

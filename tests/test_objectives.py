@@ -203,3 +203,13 @@ def test_rows_without_trained_tokens_do_not_count():
 ])
 def test_lr_schedule(update, warmup, total, expected):
     assert obj.lr_at(update, 1.0, warmup, total, 0.1) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("order, signal, wanted, kept", [
+    (["a", "b", "c", "d"], {"b", "c", "d"}, 2, ["b", "c"]),    # "a" has no signal: skipped, not counted
+    (["a", "b", "c", "d"], {"d", "a"}, 3, ["a", "d"]),         # fewer with signal than wanted: all of them
+    (["d", "c", "b", "a"], {"a", "b", "c", "d"}, 2, ["d", "c"]),  # the round's order, not the ids' order
+    (["a", "b"], set(), 2, []),
+])
+def test_first_groups_with_signal(order, signal, wanted, kept):
+    assert obj.first_groups_with_signal(order, signal, wanted) == kept

@@ -261,15 +261,55 @@ def read_curves(run_root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+TRAINING_FOLDERS = ("rollouts", "verified", "scored", "located", "rectified", "train")
+
+
+def run_compute(run_root: Path, rounds: int) -> dict[str, float]:
+    """What a run spent on rounds 1..N, from its stage manifests: rollouts generated, guide-written
+    rows that joined (rectified, reference, guided), tokens trained, optimizer updates, and the wall
+    and CPU seconds of the training stages (eval left out: every arm evaluates alike). CPU seconds
+    only where every manifest records them (runs made before they were recorded: wall only); {} for
+    a run without manifests."""
+    from scope_cli.core.manifests import read_manifest
+
+    out = {"rollouts": 0.0, "guide_rows": 0.0, "tokens_trained": 0.0, "updates": 0.0,
+           "wall_seconds": 0.0, "cpu_seconds": 0.0}
+    cpu_everywhere, found = True, False
+    for r in range(1, rounds + 1):
+        for folder in TRAINING_FOLDERS:
+            for path in sorted((run_root / f"round-{r:03d}" / folder / "_manifest").glob("shard-*.json")):
+                m, _ = read_manifest(path)
+                if m is None:
+                    continue
+                found = True
+                s = m.get("summary") or {}
+                out["rollouts"] += (m.get("rows") or 0) if folder == "rollouts" else 0
+                out["guide_rows"] += sum(s.get(k, 0) for k in ("rectified", "reference", "guided")) \
+                    if folder == "rectified" else 0
+                if folder == "train":
+                    out["tokens_trained"] += s.get("tokens", 0)
+                    out["updates"] += s.get("updates", 0)
+                out["wall_seconds"] += m.get("seconds") or 0.0
+                cpu_everywhere &= m.get("cpu_seconds") is not None
+                out["cpu_seconds"] += m.get("cpu_seconds") or 0.0
+    if not cpu_everywhere:
+        del out["cpu_seconds"]
+    return out if found else {}
+
+
 def summarise(name: str, arms: list[str], seeds: list[int], rounds: int, runs_dir: Path) -> list[dict[str, Any]]:
     """The table: per (eval_set, metric, arm) mean and 95% interval over seeds at round N (`arms`: the
-    arm names), plus the paired differences of `paired_columns` (arm `a-b`, over the seeds both have)."""
+    arm names), plus the paired differences of `paired_columns` (arm `a-b`, over the seeds both have).
+    The set "compute" holds what each arm spent on its rounds (`run_compute`)."""
     finals: dict[tuple[str, str, str], dict[int, float]] = {}
     for arm in arms:
         for seed in seeds:
-            for rec in read_curves(runs_dir / arm_name(name, arm, seed)):
+            root = runs_dir / arm_name(name, arm, seed)
+            for rec in read_curves(root):
                 if rec["round"] == rounds:
                     finals.setdefault((rec["eval_set"], rec["metric"], arm), {})[seed] = rec["value"]
+            for metric, value in run_compute(root, rounds).items():
+                finals.setdefault(("compute", metric, arm), {})[seed] = value
     table = []
     keys = sorted({(s, m) for s, m, _ in finals})
     for eval_set, metric in keys:
@@ -305,10 +345,10 @@ def to_markdown(table: list[dict[str, Any]], arms: list[str]) -> str:
             r = cell.get((eval_set, metric, arm))
             if r is None or r["seeds"] == 0:
                 cells.append("")
-            elif r["seeds"] == 1:
-                cells.append(f"{r['mean']:.3f}")
             else:
-                cells.append(f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+                f = "{:,.0f}" if eval_set == "compute" else "{:.3f}"  # counts and seconds: whole numbers
+                mean, low, high = (f.format(r[k]) for k in ("mean", "ci_low", "ci_high"))
+                cells.append(mean if r["seeds"] == 1 else f"{mean} [{low}, {high}]")
         lines.append(f"| {eval_set} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -266,9 +266,10 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"generate.top_p={g.top_p}, generate.top_k={g.top_k}: RL sampling must use "
                           "top_p=1 and top_k=0 (train-step recomputes old log-probs as "
                           "softmax(logits / temperature))")
-    if g.prompts_per_round * g.n > 1_000_000:
-        raise ConfigError(f"generate.prompts_per_round × generate.n = {g.prompts_per_round} × {g.n}: "
-                          "expected at most 1_000_000 rows per round")
+    if g.prompts_per_round * g.oversample * g.n > 1_000_000:
+        raise ConfigError(f"generate.prompts_per_round × generate.oversample × generate.n = "
+                          f"{g.prompts_per_round} × {g.oversample} × {g.n}: expected at most 1_000_000 "
+                          "rows per round")
     if g.prompts_per_shard > g.prompts_per_round:
         raise ConfigError(f"generate.prompts_per_shard: got {g.prompts_per_shard}, expected at most "
                           f"generate.prompts_per_round ({g.prompts_per_round})")

@@ -177,8 +177,12 @@ class Run:
         return sorted(ids)
 
     def round_prompt_ids(self, round_: int) -> list[str]:
-        return round_slice(self.prompt_ids(), self.config.run.seed, round_,
-                           self.config.generate.prompts_per_round)
+        """Round R's prompts in order: its own slice, then (generate.oversample > 1) the extra ones."""
+        g = self.config.generate
+        ids = self.prompt_ids()
+        own = round_slice(ids, self.config.run.seed, round_, g.prompts_per_round)
+        return own + extra_prompts(ids, own, self.config.run.seed, round_,
+                                   (g.oversample - 1) * g.prompts_per_round)
 
 
 def config_changed(stored: Path, base: Config, wanted: Config, changed: list[str]) -> ConfigError:
@@ -207,10 +211,25 @@ def round_slice(all_ids: list[str], seed: int, round_: int, per_round: int) -> l
     return out
 
 
-def check_round_size(per_round: int, prompts: int, source: str) -> None:
+def extra_prompts(all_ids: list[str], own: list[str], seed: int, round_: int, count: int) -> list[str]:
+    """`count` prompts for round R beyond its own slice (dynamic sampling): the first of a permutation
+    seeded by (seed, round) that are not in the slice, so they depend on (seed, round) alone and the
+    round's own slice stays what it is without them."""
+    if count <= 0:
+        return []
+    check_round_size(len(own) + count, len(all_ids), "the run's prompts/",
+                     "generate.prompts_per_round × generate.oversample")
+    import numpy as np
+
+    taken = set(own)
+    perm = np.random.default_rng([seed, round_, 0xD7A]).permutation(len(all_ids))
+    return [all_ids[i] for i in perm if all_ids[i] not in taken][:count]
+
+
+def check_round_size(per_round: int, prompts: int, source: str, what: str = "generate.prompts_per_round") -> None:
     """A round draws each prompt at most once: it cannot ask for more prompts than there are."""
     if per_round > prompts:
-        raise RunError(f"generate.prompts_per_round: got {per_round}, expected at most the {prompts} "
+        raise RunError(f"{what}: got {per_round}, expected at most the {prompts} "
                        f"training prompts of {source}")
 
 

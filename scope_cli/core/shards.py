@@ -188,22 +188,31 @@ def is_done(stage_dir: Path, index: int, inputs: list[Path], cfg_hash: str, root
     return recorded == current and all(problem(p, r) is None for p, r in files)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (user + system): a stage's
+    compute cost beside its wall time. Long-lived workers (the verifier pool) count once they exit."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def write_manifest(path: Path, stage: str, inputs: list[dict[str, Any]], output: dict[str, Any],
                    cfg_hash: str, config_keys: list[str], *, shard: int = 0, num_shards: int = 1,
                    outputs: list[dict[str, Any]] = (), engines: dict[str, str] | None = None,
-                   rows: int | None = None, seconds: float | None = None,
+                   rows: int | None = None, seconds: float | None = None, cpu: float | None = None,
                    summary: dict[str, Any] | None = None, headline: dict[str, Any] | None = None,
                    **extra: Any) -> None:
     """A stage's manifest, written last (atomically): what its shard was made from (inputs with size
     and sha256, the config hash and keys), what it wrote (output and the files beside it, with size and
-    sha256), engine and code versions, rows, seconds and the stage's counters; `extra` for what a stage
+    sha256), engine and code versions, rows, seconds (wall) and cpu_seconds (`cpu_seconds`) and the
+    stage's counters; `extra` for what a stage
     adds (train-step: the policy's marker, timings, world size). The one manifest format: every
     stage, train-step and eval's summary write it here, and `read_manifest` reads it."""
     write_json_atomic({
         "stage": stage, "shard": shard, "num_shards": num_shards, "inputs": inputs, "output": output,
         "outputs": list(outputs), "config_hash": cfg_hash, "config_keys": sorted(config_keys),
         "engines": engines or {}, "code_version": __version__, "rows": rows,
-        "seconds": None if seconds is None else round(seconds, 4), "summary": summary or {},
+        "seconds": None if seconds is None else round(seconds, 4),
+        **({} if cpu is None else {"cpu_seconds": round(cpu, 4)}), "summary": summary or {},
         "headline": headline or {}, **extra,
     }, path)
 
@@ -309,16 +318,16 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
                 result.skipped_done.append(job.index)
                 continue
             inputs = [file_digest(p, root) for p in job.inputs]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             table, summary = job.compute()
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
             out = shard_path(stage_dir, job.index)
             write_parquet_atomic(table, out)
             write_manifest(manifest_path(stage_dir, job.index), stage, inputs, file_digest(out, stage_dir),
                            cfg_hash, config_keys, shard=job.index, num_shards=len(jobs),
                            outputs=[file_digest(p, stage_dir) for p in job.outputs],
                            engines=engines or engine_versions("pyarrow"), rows=table.num_rows,
-                           seconds=seconds, summary=summary, headline=headline or {})
+                           seconds=seconds, cpu=cpu, summary=summary, headline=headline or {})
             result.computed.append(job.index)
             console.print(f"{stage}: {where}: shard {job.index} ({table.num_rows} rows, {seconds:.1f}s)")
             bars.advance(task)

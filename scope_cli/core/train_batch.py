@@ -79,9 +79,12 @@ def trained_tokens(response: list[int], finish_reason: str | None, text: str,
     return response + [int(stop_token_id)]
 
 
-def build_batch(table: pa.Table, cfg: Config, policy_name: str,
-                max_positions: int, eos_id: int | None = None) -> tuple[list[Row], dict[str, int]]:
-    """Rows to train with advantages and token masks, and the counts of what was left out."""
+def build_batch(table: pa.Table, cfg: Config, policy_name: str, max_positions: int,
+                eos_id: int | None = None, prompt_order: list[str] | None = None,
+                ) -> tuple[list[Row], dict[str, int]]:
+    """Rows to train with advantages and token masks, and the counts of what was left out.
+    `prompt_order`: the round's prompts in order (run.round_prompt_ids), which dynamic sampling
+    (generate.oversample > 1) needs: it trains the first prompts_per_round groups with signal."""
     t = cfg.train
     n = table.num_rows
     cols = table.select([c for c in NEEDED.names if c in table.column_names]).to_pydict()
@@ -110,6 +113,15 @@ def build_batch(table: pa.Table, cfg: Config, policy_name: str,
     adv[idx], dropped[idx] = obj.group_advantages(
         rewards[idx], [cols["prompt_id"][i] for i in idx],
         [origin[i] == "policy" for i in idx], t.advantage, t.adv_eps)
+
+    surplus: set[str] = set()
+    if cfg.generate.oversample > 1:  # dynamic sampling: the first groups with signal, in prompt order
+        if prompt_order is None:
+            raise TrainError("generate.oversample > 1: the batch needs the round's prompt order")
+        signal = {cols["prompt_id"][i] for i in idx if not dropped[i]}
+        surplus = signal - set(obj.first_groups_with_signal(prompt_order, signal,
+                                                             cfg.generate.prompts_per_round))
+        dropped |= np.array([p in surplus for p in cols["prompt_id"]], dtype=bool)
 
     # augment mode: parents with a rectified child train only from their first wrong step on
     children = {(cols["prompt_id"][i], cols["parent_sample_idx"][i])
@@ -141,12 +153,14 @@ def build_batch(table: pa.Table, cfg: Config, policy_name: str,
         engine_logp = np.full(len(response), np.nan, dtype=np.float32)
         engine_logp[: len(engine)] = [np.nan if v is None else v for v in engine[: len(response)]]
         rows.append(Row(prompt, response, float(adv[i]), on, off, engine_logp))
-    groups_dropped = len({cols["prompt_id"][i] for i in idx if dropped[i]})
+    groups_dropped = len({cols["prompt_id"][i] for i in idx if dropped[i]} - surplus)
     counts = {
         "rows_read": n, "rows_in_batch": int(in_batch.sum()), "unverified_rows": unverified,
         "unverified_dropped": int((in_batch & ~keep).sum()), "groups": len({cols["prompt_id"][i] for i in idx}),
         "dropped_groups": groups_dropped, "rows_trained": len(rows),
     }
+    if cfg.generate.oversample > 1:
+        counts["surplus_groups"] = len(surplus)  # groups with signal beyond the batch (not trained)
     return rows, counts
 
 
