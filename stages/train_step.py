@@ -158,7 +158,8 @@ def _train_step(run: Run, round_: int, *, force: bool, quiet: bool) -> dict[str,
         raise
     table = read_stage(run.stage_dir(round_, "rectified"), NEEDED)
     rows, counts = build_batch(table, cfg, in_policy.name, model.config.max_position_embeddings,
-                               tok.eos_token_id, run.round_prompt_ids(round_))
+                               tok.eos_token_id,
+                               run.round_prompt_ids(round_) if cfg.generate.oversample > 1 else None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # 2. model, optimizer and state; old (and reference) log-probs under policy-(R-1)
