@@ -278,14 +278,16 @@ def evaluate(scorer: Any, items: list[PrmItem], labels: list[int | None]) -> dic
 def build(out: str | Path, *, policy: str | Path = "data/policies/arith-tiny", train_problems: int = 8000,
           eval_problems: int = 500, samples: int = 4, steps: int = 6000, batch_size: int = 256,
           lr: float = 1e-3, seed: int = 0, from_policy: bool = True, quiet: bool = False,
-          command: str = "", **shape: int) -> dict[str, Any]:
+          command: str = "", min_operands: int = 3, max_operands: int = 6,
+          **shape: int) -> dict[str, Any]:
     """Sample, label, train, save in the Qwen PRM format, reload with the hf backend and measure."""
     from scope_cli.backends.prm import HFPrm
 
     t0 = time.perf_counter()
-    train_set = arith.generate_problems(DATA_SEED, train_problems, 3, 6)
+    train_set = arith.generate_problems(DATA_SEED, train_problems, min_operands, max_operands)
     seen = {r["problem"] for r in train_set}
-    eval_set = arith.generate_problems(DATA_SEED + 1, eval_problems, 3, 6, exclude=seen)
+    eval_set = arith.generate_problems(DATA_SEED + 1, eval_problems, min_operands, max_operands,
+                                       exclude=seen)
     train_pairs = sample_rollouts(policy, [r["problem"] for r in train_set], samples, seed=seed)
     eval_pairs = sample_rollouts(policy, [r["problem"] for r in eval_set], 2, seed=seed + 1)
     items, labels = labelled_items(train_pairs)
@@ -299,6 +301,7 @@ def build(out: str | Path, *, policy: str | Path = "data/policies/arith-tiny", t
     info = {
         "source": "scope_cli.models.prm_train", "policy": str(policy), "data_seed": DATA_SEED, "seed": seed,
         "train_problems": train_problems, "eval_problems": eval_problems, "samples": samples,
+        "operands": [min_operands, max_operands],
         "steps": steps, "batch_size": batch_size, "lr": lr,
         "init": "policy" if from_policy else {"random": shape},
         "train_rollouts": len(items), "eval_rollouts": len(eval_items),
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-problems", type=int, default=8000)
     parser.add_argument("--eval-problems", type=int, default=500)
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--min-operands", type=int, default=3, help="operands of the sampled problems")
+    parser.add_argument("--max-operands", type=int, default=6)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -340,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     info = build(args.out, policy=args.policy, train_problems=args.train_problems,
                  eval_problems=args.eval_problems, samples=args.samples, steps=args.steps,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                 from_policy=not args.from_scratch, command=command, hidden_size=args.hidden_size,
+                 from_policy=not args.from_scratch, command=command,
+                 min_operands=args.min_operands, max_operands=args.max_operands,
+                 hidden_size=args.hidden_size,
                  layers=args.layers, heads=args.heads, intermediate_size=args.intermediate_size)
     print(json.dumps(info["heldout_vs_rule"], indent=1))
 

@@ -156,6 +156,7 @@ def sft(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, Any]:
                     "first_error_step": {str(k): v for k, v in report["first_error_step"].items()},
                     "wrong_after_first_step": report["wrong_after_first_step"],
                     "sft": cfg.get("sft"), "parameters": count_parameters(model),
+                    "excluded_eval_sets": cfg.get("prepare"),  # the [prepare] whose eval sets it left out
                     "torch": torch.__version__,
                 }
                 save_policy(model, tok, out, info)
