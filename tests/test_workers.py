@@ -1,0 +1,174 @@
+"""One node's workers (scope_cli/cli/workers.py): shards claimed as they come, GPUs cut into
+tensor-parallel groups, and a round run by two worker processes per sharded stage writing the same
+bytes as one process; a killed worker's shards are computed by the rerun; round.workers is operational."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from scope_cli.cli import workers
+from scope_cli.cli.rounds import bring_to_round, dry_run
+from scope_cli.cli.workers import device_groups, worker_envs
+from scope_cli.core.files import ShardError, list_shard_files
+from scope_cli.core.runs import Run
+from scope_cli.core.shards import CLAIM, CLAIM_ENV, ShardJob, run_shards, worker_slot
+from scope_cli.errors import ScopeError
+from stages.prepare import prepare
+
+TOY = str(Path(__file__).with_name("toy_stage.py"))
+# 8 prompts x 4 samples in 4 shards per stage (2 eval sets: 2 eval shards)
+TINY = ["prepare.train_size=64", "prepare.eval_size=12", "prepare.ood_size=6", "generate.prompts_per_round=8",
+        "generate.prompts_per_shard=2", "generate.n=4", "generate.max_tokens=40", "eval.n_samples=2",
+        "eval.ks=[1, 2]", "eval.sampled_limit=2", "eval.limit=4", "eval.max_tokens=40", "verify.workers=1",
+        "eval.every=100", "train.minibatches=2", "run.keep_state=0"]
+
+
+@pytest.mark.parametrize("devices, size, groups", [
+    (["0", "1", "2", "3", "4", "5", "6", "7"], 1, [["0"], ["1"], ["2"], ["3"], ["4"], ["5"], ["6"], ["7"]]),
+    (["0", "1", "2", "3", "4", "5", "6", "7"], 2, [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]),
+    (["0", "1", "2", "3", "4", "5", "6", "7"], 3, [["0", "1", "2"], ["3", "4", "5"]]),  # 6, 7 unused
+    (["0", "1", "2", "3", "4", "5", "6", "7"], 8, [["0", "1", "2", "3", "4", "5", "6", "7"]]),
+    (["4", "6"], 2, [["4", "6"]]),
+    (["GPU-a", "GPU-b"], 1, [["GPU-a"], ["GPU-b"]]),
+])
+def test_device_groups(devices, size, groups):
+    assert device_groups(devices, size) == groups
+
+
+def test_a_group_larger_than_the_gpus_is_refused():
+    with pytest.raises(ScopeError, match="tensor-parallel size of 4 needs 4 GPUs, got 2 \\(0,1\\)"):
+        device_groups(["0", "1"], 4)
+
+
+@pytest.mark.parametrize("workers_, groups, shards, envs", [
+    (2, None, 4, [{CLAIM_ENV: "1"}, {CLAIM_ENV: "1"}]),
+    (3, None, 2, [{CLAIM_ENV: "1"}, {CLAIM_ENV: "1"}]),  # never more workers than shards
+    (1, [["0", "1"], ["2", "3"]], 8, [{CLAIM_ENV: "1", "CUDA_VISIBLE_DEVICES": "0,1"},
+                                      {CLAIM_ENV: "1", "CUDA_VISIBLE_DEVICES": "2,3"}]),
+    (5, [["0"], ["1"], ["2"]], 2, [{CLAIM_ENV: "1", "CUDA_VISIBLE_DEVICES": "0"},
+                                   {CLAIM_ENV: "1", "CUDA_VISIBLE_DEVICES": "1"}]),
+])
+def test_worker_envs(workers_, groups, shards, envs):
+    assert worker_envs(workers_, groups, shards) == envs
+
+
+def test_claim_slot_from_the_environment(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(CLAIM_ENV, "1")
+    assert worker_slot() == CLAIM
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    assert worker_slot() == CLAIM  # the launcher's claim wins over an outer job's slot
+    assert worker_slot(1, 2) == (1, 2)  # explicit flags win over both
+    monkeypatch.setenv(CLAIM_ENV, "0")
+    assert worker_slot() == (1, 4)
+    monkeypatch.setenv(CLAIM_ENV, "yes")
+    with pytest.raises(ShardError, match=f"{CLAIM_ENV}='yes': expected 1"):
+        worker_slot()
+
+
+def test_claiming_workers_split_the_shards_between_them(tmp_path):
+    """Two claiming processes: every shard computed exactly once, wherever it was computed."""
+    out = tmp_path / "toy"
+    env = {**os.environ, CLAIM_ENV: "1"}
+    procs = [subprocess.Popen([sys.executable, TOY, str(out), str(tmp_path), "6", "0.3"], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    computed = [i for r in results for i in r["computed"]]
+    assert sorted(computed) == list(range(6))  # each once: none recomputed, none left
+    assert len(list_shard_files(out)) == 6
+
+
+def test_claiming_with_force_is_refused(tmp_path):
+    jobs = [ShardJob(0, [], lambda: None)]
+    with pytest.raises(ShardError, match="claiming workers would recompute each other's shards"):
+        run_shards("toy", tmp_path / "toy", jobs, "cfg", [], tmp_path, force=True, worker=CLAIM, quiet=True)
+
+
+# ---- a round over two workers ---------------------------------------------------------------------------
+def data_files(root: Path) -> dict[str, str]:
+    """sha256 of every Parquet and safetensors file a reader sees (no hidden paths)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.suffix in (".parquet", ".safetensors") and not any(
+                part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    run = Run.open(tmp_path_factory.mktemp("workers") / "prepared", None, TINY, create=True)
+    prepare(run, quiet=True)
+    return run.root
+
+
+def copy_of(prepared: Path, dst: Path, *overrides: str) -> Run:
+    shutil.copytree(prepared, dst)
+    return Run.open(dst, None, [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def one_worker(prepared, tmp_path_factory):
+    run = copy_of(prepared, tmp_path_factory.mktemp("one") / "run")
+    assert bring_to_round(run, 1, quiet=True, isolate=False) == [0, 1]
+    return run
+
+
+def test_two_workers_write_what_one_writes(one_worker, prepared, tmp_path):
+    run = copy_of(prepared, tmp_path / "two", "round.workers=2")
+    assert [len(e) for e in workers.plan_workers(run, 1, "generate")] == [1, 1]
+    assert bring_to_round(run, 1, quiet=True, isolate=False) == [0, 1]
+    ref, got = data_files(one_worker.root), data_files(run.root)
+    assert len(list_shard_files(run.stage_dir(1, "rollouts"))) == 4
+    assert got == ref and len(ref) > 40
+    logs = sorted(p.name for p in (run.round_dir(1) / "logs").iterdir())
+    assert logs == [f"{s}-worker-{k}.log" for s in ("eval", "generate", "prm-score", "rectify") for k in (0, 1)]
+    # round.workers is operational: another count opens the run as it is, and finds it done
+    again = Run.open(run.root, None, [*TINY, "round.workers=1"])
+    assert {what for _, _, what in dry_run(again, 1)} == {"done"}
+    assert bring_to_round(again, 1, quiet=True, isolate=False) == []
+
+
+KILL_HOOK = textwrap.dedent("""\
+    import os, re, signal, sys
+    PATTERN = re.compile(os.environ["TEST_KILL_AT_RENAME"])
+    def hook(event, args):
+        if event == "os.rename" and PATTERN.search(str(args[0])):
+            os.kill(os.getpid(), signal.SIGKILL)
+    sys.addaudithook(hook)
+""")
+
+
+def test_a_killed_worker_is_reported_and_the_rerun_finishes_its_shard(one_worker, prepared, tmp_path):
+    """A worker is SIGKILLed as it is about to land generate's shard 1: the round names it with its
+    log; the shard is not there; the rerun computes it and every rollout shard matches one worker's."""
+    run = copy_of(prepared, tmp_path / "killed", "round.workers=2")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILL_HOOK)  # runs in the workers only (they start after)
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
+           "TEST_KILL_AT_RENAME": r"rollouts/\.shard-00001\.parquet\.tmp@"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with pytest.raises(ScopeError, match=r"round 1: generate worker [12] of 2 failed with exit code -9"
+                                             r".*generate-worker-[01]\.log.*rerun"):
+            workers.run_workers(run, 1, "generate", quiet=True)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    rollouts = run.stage_dir(1, "rollouts")
+    assert 1 not in [int(p.stem[6:]) for p in list_shard_files(rollouts)]
+    assert workers.run_workers(run, 1, "generate", quiet=True)
+    ref = {k: v for k, v in data_files(one_worker.root).items() if k.startswith("round-001/rollouts/")}
+    got = {k: v for k, v in data_files(run.root).items() if k.startswith("round-001/rollouts/")}
+    assert got == ref and len(ref) == 4
+    assert not [p for p in rollouts.iterdir() if ".tmp@" in p.name]  # the killed worker's temporary
