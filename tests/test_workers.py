@@ -42,8 +42,9 @@ def test_device_groups(devices, size, groups):
 
 
 def test_a_group_larger_than_the_gpus_is_refused():
-    with pytest.raises(ScopeError, match="tensor-parallel size of 4 needs 4 GPUs, got 2 \\(0,1\\)"):
-        device_groups(["0", "1"], 4)
+    with pytest.raises(ScopeError, match=r"^generate.tensor_parallel_size = 4 needs 4 GPUs per worker; "
+                                         r"round.devices \(or the visible GPUs\) give 2 \(0,1\)$"):
+        device_groups(["0", "1"], 4, "generate.tensor_parallel_size")
 
 
 @pytest.mark.parametrize("workers_, groups, shards, envs", [
@@ -172,3 +173,44 @@ def test_a_killed_worker_is_reported_and_the_rerun_finishes_its_shard(one_worker
     got = {k: v for k, v in data_files(run.root).items() if k.startswith("round-001/rollouts/")}
     assert got == ref and len(ref) == 4
     assert not [p for p in rollouts.iterdir() if ".tmp@" in p.name]  # the killed worker's temporary
+
+
+def test_with_cuda_one_worker_per_gpu_group_whatever_round_workers(tmp_path, monkeypatch):
+    run = Run.open(tmp_path / "run", None, ["generate.tensor_parallel_size=2", "rectify.guide=model",
+                                            "rectify.guide_tensor_parallel_size=4", "round.workers=3"],
+                   create=True)
+    monkeypatch.setattr(workers, "visible_gpus", lambda run: ["0", "1", "2", "3", "4", "5", "6", "7"])
+    monkeypatch.setattr(workers, "shard_count", lambda run, r, stage: 8)
+    gpus = {stage: [e["CUDA_VISIBLE_DEVICES"] for e in workers.plan_workers(run, 1, stage)]
+            for stage in ("generate", "prm-score", "rectify", "eval", "verify", "locate-error")}
+    assert gpus == {"generate": ["0,1", "2,3", "4,5", "6,7"], "eval": ["0,1", "2,3", "4,5", "6,7"],
+                    "prm-score": ["0", "1", "2", "3", "4", "5", "6", "7"], "rectify": ["0,1,2,3", "4,5,6,7"],
+                    "verify": [], "locate-error": []}
+    monkeypatch.setattr(workers, "visible_gpus", lambda run: ["0"])  # one GPU: the stage as before
+    assert workers.plan_workers(run, 1, "prm-score") == []
+    assert not workers.run_workers(run, 1, "prm-score", quiet=True)
+    with pytest.raises(ScopeError, match="generate.tensor_parallel_size = 2 needs 2 GPUs per worker"):
+        workers.plan_workers(run, 1, "generate")
+
+
+def test_an_isolated_round_hands_its_sharded_stages_to_the_workers(tmp_path, monkeypatch):
+    from scope_cli.cli import rounds
+
+    run = Run.open(tmp_path / "run", None, ["eval.every=1", "round.workers=2"], create=True)
+    asked, ran = [], []
+    monkeypatch.setattr(workers, "run_workers", lambda run, r, stage, quiet: asked.append(stage)
+                        or stage in workers.SHARDED_STAGES)
+    monkeypatch.setattr(rounds, "_finished", lambda run, r, stage, folder: True)
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(rounds.subprocess, "run", lambda cmd, env=None: ran.append(cmd[3]) or Done())
+    rounds._round_in_subprocesses(run, 1, 1, quiet=True)
+    assert asked == ["generate", "verify", "prm-score", "locate-error", "rectify", "train-step", "eval"]
+    assert ran == ["verify", "locate-error", "train-step"]
+    # a stage the workers left unfinished (eval's summary, a shard held elsewhere) runs once more
+    monkeypatch.setattr(rounds, "_finished", lambda run, r, stage, folder: stage != "eval")
+    ran.clear()
+    rounds._round_in_subprocesses(run, 1, 1, quiet=True)
+    assert ran == ["verify", "locate-error", "train-step", "eval"]

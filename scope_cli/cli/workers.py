@@ -42,12 +42,12 @@ SHARDED_STAGES = ("generate", "prm-score", "rectify", "eval")
 LOG_TAIL = 15  # lines of a failed worker's log shown
 
 
-def device_groups(devices: list[str], group_size: int) -> list[list[str]]:
-    """The GPUs cut into consecutive groups of `group_size`, one worker each; GPUs left over that do
-    not fill a group are not used."""
+def device_groups(devices: list[str], group_size: int, key: str = "tensor_parallel_size") -> list[list[str]]:
+    """The GPUs cut into consecutive groups of `group_size` (the value of config key `key`), one worker
+    each; GPUs left over that do not fill a group are not used."""
     if group_size > len(devices):
-        raise ScopeError(f"round.devices: a tensor-parallel size of {group_size} needs {group_size} GPUs, "
-                         f"got {len(devices)} ({','.join(devices) or 'none visible'})")
+        raise ScopeError(f"{key} = {group_size} needs {group_size} GPUs per worker; round.devices (or the "
+                         f"visible GPUs) give {len(devices)} ({','.join(devices) or 'none'})")
     return [devices[i:i + group_size] for i in range(0, len(devices) - group_size + 1, group_size)]
 
 
@@ -59,14 +59,14 @@ def worker_envs(workers: int, groups: list[list[str]] | None, shards: int) -> li
     return [{CLAIM_ENV: "1", **env} for env in envs[:max(shards, 1)]]
 
 
-def stage_group_size(run: Run, stage: str) -> int:
-    """GPUs per worker of a stage: its engine's tensor-parallel size."""
+def stage_group_size(run: Run, stage: str) -> tuple[int, str]:
+    """GPUs per worker of a stage (its engine's tensor-parallel size) and the key that sets it."""
     cfg = run.config
     if stage in ("generate", "eval"):
-        return cfg.generate.tensor_parallel_size
+        return cfg.generate.tensor_parallel_size, "generate.tensor_parallel_size"
     if stage == "rectify" and cfg.rectify.guide == "model":
-        return cfg.rectify.guide_tensor_parallel_size
-    return 1
+        return cfg.rectify.guide_tensor_parallel_size, "rectify.guide_tensor_parallel_size"
+    return 1, "one GPU per worker"
 
 
 def visible_gpus(run: Run) -> list[str] | None:
@@ -112,7 +112,7 @@ def plan_workers(run: Run, r: int, stage: str) -> list[dict[str, str]]:
         return []
     cfg = run.config.round
     gpus = visible_gpus(run)
-    groups = device_groups(gpus, stage_group_size(run, stage)) if gpus else None
+    groups = device_groups(gpus, *stage_group_size(run, stage)) if gpus else None
     if (groups is None and cfg.workers < 2) or (groups is not None and len(groups) < 2):
         return []
     return worker_envs(cfg.workers, groups, shard_count(run, r, stage))
