@@ -314,3 +314,8 @@ class RoundConfig:
     # generate.tensor_parallel_size; rectify's model guide: rectify.guide_tensor_parallel_size),
     # each with its own CUDA_VISIBLE_DEVICES; round.workers is then not used. Ignored on CPU
     devices: list[int] = op(default_factory=list, rng=Range(ge=0, le=1_000_000))
+    # who starts those workers: local (processes on this node) or ray (tasks on the Ray cluster this
+    # node has joined, `ray start`; RAY_ADDRESS or "auto"; the run folder shared by every node; the
+    # `ray` extra; scope_cli/cli/ray_workers.py): round.workers tasks where the cluster has no GPUs,
+    # else one task per tensor-parallel group of its GPUs
+    launcher: Literal["local", "ray"] = op("local")

@@ -103,7 +103,8 @@ def test_choice_keys_are_found():
     assert keys["run.algo"] == (("grpo", "luffy", "scope"), False)
     assert keys["run.loggers"] == (("tensorboard", "wandb"), True)
     assert keys["train.packing"] == (("auto", "on", "off"), False)
-    assert len(keys) == 21  # every `a | b` key of the sections, none left as a plain str
+    assert keys["round.launcher"] == (("local", "ray"), False)
+    assert len(keys) == 22  # every `a | b` key of the sections, none left as a plain str
     assert "prm.device" not in keys  # cuda:N is open-ended: a plain string
 
 

@@ -214,3 +214,36 @@ def test_an_isolated_round_hands_its_sharded_stages_to_the_workers(tmp_path, mon
     ran.clear()
     rounds._round_in_subprocesses(run, 1, 1, quiet=True)
     assert ran == ["verify", "locate-error", "train-step", "eval"]
+
+
+# ---- round.launcher = ray --------------------------------------------------------------------------------
+def test_nothing_imports_ray_unless_the_launcher_is_ray(monkeypatch):
+    code = ("import sys, scope_cli.cli.app, scope_cli.cli.rounds, scope_cli.cli.workers, stages.generate; "
+            "print('ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    from scope_cli.cli import ray_workers
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where it is not installed
+    with pytest.raises(ScopeError, match=r"round.launcher = ray: the ray package is not installed"):
+        ray_workers.connect()
+
+
+def test_ray_tasks_on_a_two_node_cluster_write_what_one_worker_writes(one_worker, prepared, tmp_path,
+                                                                     monkeypatch):
+    """Two raylets on this host (1 CPU each): each sharded stage as two Ray tasks, the same bytes."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        monkeypatch.setattr(workers, "LocalWorker", None)  # no process of this node's launcher
+        run = copy_of(prepared, tmp_path / "ray", "round.launcher=ray", "round.workers=2")
+        assert bring_to_round(run, 1, quiet=True, isolate=False) == [0, 1]
+        assert data_files(run.root) == data_files(one_worker.root)
+        assert (run.round_dir(1) / "logs" / "generate-worker-1.log").exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

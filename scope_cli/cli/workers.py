@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from scope_cli.core.files import list_shard_files
 from scope_cli.core.runs import Run
@@ -118,11 +118,42 @@ def plan_workers(run: Run, r: int, stage: str) -> list[dict[str, str]]:
     return worker_envs(cfg.workers, groups, shard_count(run, r, stage))
 
 
+class LocalWorker:
+    """One worker process on this node, its output in `log`."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path):
+        self.log, self.why = log, ""
+        self._out = open(log, "w")
+        self._proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._out,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def poll(self) -> int | None:
+        """Its exit code once it has ended, else None."""
+        code = self._proc.poll()
+        if code is not None:
+            self._out.close()
+        return code
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait()
+        self._out.close()
+
+
 def run_workers(run: Run, r: int, stage: str, quiet: bool) -> bool:
-    """Run `stage` of round r as the node's workers and wait for all of them. False when only one
-    worker would run (the caller runs the stage as usual); raises a ScopeError naming a failed worker
-    and its log."""
-    envs = plan_workers(run, r, stage)
+    """Run `stage` of round r as the node's workers (or, with round.launcher = ray, as Ray tasks) and
+    wait for all of them. False when only one worker would run (the caller runs the stage as usual);
+    raises a ScopeError naming a failed worker and its log."""
+    if stage not in SHARDED_STAGES:
+        return False
+    if run.config.round.launcher == "ray":
+        from scope_cli.cli.ray_workers import RayWorker, ray_plan
+
+        envs = ray_plan(run, shard_count(run, r, stage), stage_group_size(run, stage)[0])
+        start: Any = RayWorker
+    else:
+        envs, start = plan_workers(run, r, stage), LocalWorker
     if len(envs) < 2:
         return False
     from scope_cli.console import make_console
@@ -136,15 +167,13 @@ def run_workers(run: Run, r: int, stage: str, quiet: bool) -> bool:
     where = f"{stage}: round {r}"
     gpus = " | ".join(e["CUDA_VISIBLE_DEVICES"] for e in envs if "CUDA_VISIBLE_DEVICES" in e)
     console.print(f"{where}: {total} shards over {len(envs)} workers" + (f" (GPUs {gpus})" if gpus else "")
-                  + f"; logs in {logs}")
-    procs: list[tuple[subprocess.Popen, Path, IO[Any], float]] = []
+                  + (" (Ray tasks)" if start is not LocalWorker else "") + f"; logs in {logs}")
+    workers: list[Any] = []
+    began = time.perf_counter()
     try:
         for k, env in enumerate(envs):
-            log = logs / f"{stage}-worker-{k}.log"
-            fh = open(log, "w")
-            procs.append((subprocess.Popen(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL), log, fh, time.perf_counter()))
-        running, written, failed = set(range(len(procs))), 0, []
+            workers.append(start(cmd, env, logs / f"{stage}-worker-{k}.log"))
+        running, written, failed = set(range(len(workers))), 0, []
         while running:
             time.sleep(0.2)
             now = len(_manifests(folder).items() - before.items())
@@ -152,31 +181,28 @@ def run_workers(run: Run, r: int, stage: str, quiet: bool) -> bool:
                 written = now
                 console.print(f"{where}: {written} of {total} shards written")
             for k in sorted(running):
-                proc, log, fh, start = procs[k]
-                if proc.poll() is None:
+                code = workers[k].poll()
+                if code is None:
                     continue
                 running.discard(k)
-                fh.close()
-                state = "finished" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
-                console.print(f"{where}: worker {k + 1} of {len(procs)} {state} in "
-                              f"{time.perf_counter() - start:.1f}s")
-                if proc.returncode != 0:
-                    failed.append(k)
+                state = "finished" if code == 0 else f"failed ({workers[k].why or f'exit code {code}'})"
+                console.print(f"{where}: worker {k + 1} of {len(workers)} {state} after "
+                              f"{time.perf_counter() - began:.1f}s")
+                if code != 0:
+                    failed.append((k, code))
     finally:
-        for proc, _, fh, _ in procs:
-            if proc.poll() is None:  # the round itself stopped (an interrupt): stop its workers
-                proc.terminate()
-                proc.wait()
-            fh.close()
+        for worker in workers:  # (all ended, unless the round itself stopped: an interrupt)
+            worker.stop()
     if failed:
-        k = failed[0]
-        proc, log, _, _ = procs[k]
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        (k, code), log = failed[0], workers[failed[0][0]].log
+        lines = ([line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+                 if log.exists() else [])
         make_console(stderr=True).print("\n".join(f"  | {line}" for line in lines[-LOG_TAIL:]))
         others = f" ({len(failed) - 1} more failed)" if len(failed) > 1 else ""
-        raise ScopeError(f"round {r}: {stage} worker {k + 1} of {len(procs)} failed with exit code "
-                         f"{proc.returncode}{others}: {lines[-1] if lines else 'no output'} (log: {log}); "
-                         f"rerun `{run.command(f'round {r}')}` to compute the shards it left")
+        last = workers[k].why or (lines[-1] if lines else "no output")
+        raise ScopeError(f"round {r}: {stage} worker {k + 1} of {len(workers)} failed with exit code {code}"
+                         f"{others}: {last} (log: {log}); rerun `{run.command(f'round {r}')}` to compute "
+                         "the shards it left")
     return True
 
 
