@@ -76,7 +76,7 @@ class RayWorker:
 
             with open(log, "w") as out:
                 return subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL).returncode
+                                      stdin=subprocess.DEVNULL, check=False).returncode
 
         self.log, self.why, self._code = log, "", None
         task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=1)(run_logged)

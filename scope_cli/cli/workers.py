@@ -123,7 +123,7 @@ class LocalWorker:
 
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path):
         self.log, self.why = log, ""
-        self._out = open(log, "w")
+        self._out = open(log, "w")  # noqa: SIM115 (closed when the process ends, or by stop)
         self._proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._out,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
