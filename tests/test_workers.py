@@ -247,3 +247,42 @@ def test_ray_tasks_on_a_two_node_cluster_write_what_one_worker_writes(one_worker
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_lost_ray_node_leaves_its_shards_to_the_retried_task(one_worker, prepared, tmp_path, monkeypatch):
+    """generate as two Ray tasks on two one-CPU raylets; one raylet is killed once the first shard has
+    landed (its Ray worker and the stage process under it die with it). Ray retries that task on
+    the other raylet; the stage ends with every shard there, the same bytes as one worker's."""
+    ray = pytest.importorskip("ray")
+    import threading
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 << 20})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        lost = cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        run = copy_of(prepared, tmp_path / "lost", "round.launcher=ray", "round.workers=2")
+        manifests = run.stage_dir(1, "rollouts") / "_manifest"
+        killed = []
+
+        def kill_when_a_shard_lands() -> None:
+            deadline = time.monotonic() + 600
+            while not list(manifests.glob("shard-*.json")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            killed.append(len(list(manifests.glob("shard-*.json"))))
+            cluster.remove_node(lost, allow_graceful=False)
+
+        killer = threading.Thread(target=kill_when_a_shard_lands)
+        killer.start()
+        assert workers.run_workers(run, 1, "generate", quiet=True)
+        killer.join()
+        assert killed and killed[0] < 4  # the node was lost mid-stage
+        ref = {k: v for k, v in data_files(one_worker.root).items() if k.startswith("round-001/rollouts/")}
+        got = {k: v for k, v in data_files(run.root).items() if k.startswith("round-001/rollouts/")}
+        assert got == ref and len(ref) == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

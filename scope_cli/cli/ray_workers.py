@@ -14,8 +14,9 @@ as a local worker does, so the files are the same bytes as one process writes. T
 (verify, locate-error, train-step) run where `scope round` runs. Every node needs the same Python
 environment at the same path (the command is this interpreter's) and the run folder at the same path.
 
-A node lost mid-stage takes its worker process with it, and with it its shard locks (flock: released
-when the process dies; on NFS when the lease expires). Ray retries such a task once
+A node lost mid-stage takes its worker process with it (a worker process is also killed when the Ray
+worker running its task dies, its raylet lost), and with it its shard locks (flock: released when the
+process dies; on NFS when the lease expires). Ray retries such a task once
 (`max_retries=1`): the new worker claims what is left, the lost node's shards included; otherwise
 the stage is reported as failed and the next `scope round` computes what is missing.
 
@@ -71,12 +72,21 @@ class RayWorker:
         num_gpus = env.pop("num_gpus", 0)
 
         def run_logged(cmd: list[str], env: dict[str, str], log: str) -> int:  # (on a Ray worker)
+            import ctypes
             import os
+            import signal
             import subprocess
+
+            def end_with_this_task() -> None:
+                """The worker process gets SIGKILL when the Ray worker running this task dies (its
+                raylet or node lost): it never outlives its task holding shard locks (Linux
+                PR_SET_PDEATHSIG = 1; Ray runs a task on its worker's main thread)."""
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
             with open(log, "w") as out:
                 return subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, check=False).returncode
+                                      stdin=subprocess.DEVNULL, check=False,
+                                      preexec_fn=end_with_this_task).returncode
 
         self.log, self.why, self._code = log, "", None
         task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=1)(run_logged)
