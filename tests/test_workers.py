@@ -2,6 +2,7 @@
 tensor-parallel groups, and a round run by two worker processes per sharded stage writing the same
 bytes as one process; a killed worker's shards are computed by the rerun; round.workers is operational."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -217,6 +218,7 @@ def test_an_isolated_round_hands_its_sharded_stages_to_the_workers(tmp_path, mon
 
 
 # ---- round.launcher = ray --------------------------------------------------------------------------------
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (the [ray] extra)")
 def test_nothing_imports_ray_unless_the_launcher_is_ray(monkeypatch):
     code = ("import sys, scope_cli.cli.app, scope_cli.cli.rounds, scope_cli.cli.workers, stages.generate; "
             "print('ray' in sys.modules)")
@@ -229,10 +231,11 @@ def test_nothing_imports_ray_unless_the_launcher_is_ray(monkeypatch):
         ray_workers.connect()
 
 
+@needs_ray
 def test_ray_tasks_on_a_two_node_cluster_write_what_one_worker_writes(one_worker, prepared, tmp_path,
                                                                      monkeypatch):
     """Two raylets on this host (1 CPU each): each sharded stage as two Ray tasks, the same bytes."""
-    ray = pytest.importorskip("ray")
+    import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20})
@@ -249,14 +252,15 @@ def test_ray_tasks_on_a_two_node_cluster_write_what_one_worker_writes(one_worker
         cluster.shutdown()
 
 
+@needs_ray
 def test_a_lost_ray_node_leaves_its_shards_to_the_retried_task(one_worker, prepared, tmp_path, monkeypatch):
     """generate as two Ray tasks on two one-CPU raylets; one raylet is killed once the first shard has
     landed (its Ray worker and the stage process under it die with it). Ray retries that task on
     the other raylet; the stage ends with every shard there, the same bytes as one worker's."""
-    ray = pytest.importorskip("ray")
     import threading
     import time
 
+    import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 << 20})
