@@ -26,12 +26,13 @@ endif
 setup: $(STAMP)
 
 # torch first, from the CPU build on local disk (pip; uv/poetry would fetch CUDA builds), then the
-# project with its test extra. The stamp makes this run once per change of pyproject.toml.
+# project with its test and ray extras (the Ray launcher is tested on a local cluster). The stamp
+# makes this run once per change of pyproject.toml.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 setup-vllm: $(VLLM_STAMP)

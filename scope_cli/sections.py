@@ -149,7 +149,10 @@ class GenerateConfig:
     backend: Literal["hf", "vllm", "auto"] = "hf"  # auto: vllm where CUDA and vllm exist, else hf
     # one round's batch: prompts × n rows, at most 1,000,000 (checked with the pair)
     prompts_per_round: int = key(32, Range(ge=1, le=100_000))
-    # whole prompt groups per rollouts/ shard (a worker's unit): at most prompts_per_round
+    # whole prompt groups per rollouts/ shard (a worker's unit): at most prompts_per_round. It sets
+    # the shard layout of the round's stages (verify, prm-score, locate-error and rectify follow
+    # generate's shards): ceil(prompts_per_round / prompts_per_shard) shards, so at most that many
+    # workers (round.workers / round.devices) help. Changing it changes the rows' order in files
     prompts_per_shard: int = key(32, Range(ge=1, le=100_000))
     n: int = key(8, Range(ge=1, le=1024))
     # dynamic sampling (DAPO's, kept paired): a round samples oversample × prompts_per_round prompts,
@@ -323,3 +326,19 @@ class RoundConfig:
     # isolated rounds: train-step runs under `torchrun --standalone --nproc-per-node N` when N > 1
     # (DDP, or FSDP2 with train.fsdp, over one node's GPUs); 1: one plain process
     train_procs: int = op(1, Range(ge=1, le=1024))
+    # one node's workers for the sharded stages (generate, prm-score, rectify, eval; verify keeps its
+    # verify.workers pool): on CPU, round.workers processes, each claiming the next shard not done
+    # (scope_cli/cli/workers.py); 1: the stages run as before. At most as many as the stage has
+    # shards (generate.prompts_per_shard sets that; eval has one shard per eval set). Logs under
+    # round-RRR/logs/. The same files for any count at a given shard layout
+    workers: int = op(1, Range(ge=1, le=1024))
+    # with CUDA: the GPUs the workers use ([]: every visible GPU; else ids as CUDA_VISIBLE_DEVICES
+    # takes them), one worker per group of the stage's tensor-parallel size (generate and eval:
+    # generate.tensor_parallel_size; rectify's model guide: rectify.guide_tensor_parallel_size),
+    # each with its own CUDA_VISIBLE_DEVICES; round.workers is then not used. Ignored on CPU
+    devices: list[int] = op(default_factory=list, rng=Range(ge=0, le=1_000_000))
+    # who starts those workers: local (processes on this node) or ray (tasks on the Ray cluster this
+    # node has joined, `ray start`; RAY_ADDRESS or "auto"; the run folder shared by every node; the
+    # `ray` extra; scope_cli/cli/ray_workers.py): round.workers tasks where the cluster has no GPUs,
+    # else one task per tensor-parallel group of its GPUs
+    launcher: Literal["local", "ray"] = op("local")

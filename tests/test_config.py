@@ -103,7 +103,9 @@ def test_choice_keys_are_found():
     assert keys["run.algo"] == (("grpo", "luffy", "scope", "luffy_matched", "vppo"), False)
     assert keys["run.loggers"] == (("tensorboard", "wandb"), True)
     assert keys["train.packing"] == (("auto", "on", "off"), False)
-    assert len(keys) == 22  # every `a | b` key of the sections, none left as a plain str
+    assert keys["round.launcher"] == (("local", "ray"), False)
+    assert keys["locate.order"] == (("longest", "random"), False)
+    assert len(keys) == 23  # every `a | b` key of the sections, none left as a plain str
     assert "prm.device" not in keys  # cuda:N is open-ended: a plain string
 
 

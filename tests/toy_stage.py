@@ -1,6 +1,7 @@
 """A toy sharded stage for the resume tests: shard i holds rows i*10..i*10+9 and their squares.
 
     python toy_stage.py STAGE_DIR ROOT NUM_SHARDS SLEEP_SECONDS [--force]
+Its worker slot comes from the environment (worker_slot: SCOPE_CLAIM_SHARDS, RANK/WORLD_SIZE, SLURM).
 Prints the computed shard indexes as JSON on its last line.
 """
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from scope_cli.core.shards import ShardJob, run_shards
+from scope_cli.core.shards import ShardJob, run_shards, worker_slot
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
         return pa.table({"x": xs, "x2": [x * x for x in xs]}), {"rows": 10, "big": sum(x >= 15 for x in xs)}
 
     jobs = [ShardJob(i, [], (lambda i=i: compute(i))) for i in range(num)]
-    result = run_shards("toy", stage_dir, jobs, "cfg", [], root, force=force, quiet=True,
+    result = run_shards("toy", stage_dir, jobs, "cfg", [], root, force=force, quiet=True, worker=worker_slot(),
                         headline={"label": "big", "num": "big", "den": "rows"})
     print(json.dumps({"computed": result.computed, "skipped": result.skipped_done,
                       "locked": result.skipped_locked}))

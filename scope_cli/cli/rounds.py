@@ -12,6 +12,9 @@ Two ways to run the stages, with identical files:
   PRM, guide and trainer are never resident together, as a GPU needs. With round.train_procs = N > 1,
   train-step runs under `torchrun --standalone --nproc-per-node N` (one node's GPUs).
 
+Either way, generate, prm-score, rectify and eval run as several worker processes claiming shards
+where round.workers > 1 on CPU, or over round.devices' GPUs with CUDA (scope_cli/cli/workers.py).
+
 Checkpoint retention (`prune_checkpoints`, after each finished round: its train-step and eval done). A
 7B run writes ~15 GB of weights and ~56 GB of optimizer state per round. run.keep_policies = K keeps
 the last K policy folders and, with run.keep_every = M, every M-th (0: keep all); run.keep_state = K
@@ -133,19 +136,27 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
     from stages.train_step import train_step
     from stages.verify import verify
 
+    from scope_cli.cli.workers import run_workers
+
     cfg = run.config
+
+    def sharded(r: int, stage: str, call: Any) -> None:
+        """The stage as the node's workers (round.workers / round.devices), then here, where it
+        finds their shards done (and writes what comes after them, eval's summary); or only here."""
+        workers = run_workers(run, r, stage, quiet)
+        _all_done(run, r, stage, call(quiet or workers))
+
     with StageResources(cfg) as res:  # the engine, verifier pool, PRM and guide, for all rounds
         for r in rounds:
             if r > 0 and not train_done(run, r):  # (a round left with only its eval to do)
-                _all_done(run, r, "generate", generate(run, r, resources=res, quiet=quiet))
+                sharded(r, "generate", lambda q: generate(run, r, resources=res, quiet=q))
                 _all_done(run, r, "verify", verify(run, r, resources=res, quiet=quiet))
-                _all_done(run, r, "prm-score", prm_score(run, r, resources=res, quiet=quiet))
+                sharded(r, "prm-score", lambda q: prm_score(run, r, resources=res, quiet=q))
                 _all_done(run, r, "locate-error", locate_error(run, r, quiet=quiet))
-                _all_done(run, r, "rectify", rectify(run, r, resources=res, quiet=quiet))
+                sharded(r, "rectify", lambda q: rectify(run, r, resources=res, quiet=q))
                 train_step(run, r, quiet=quiet)
             if should_eval(cfg, r, target) and not eval_done(run, r):
-                result = evaluate(run, r, resources=res, quiet=quiet)
-                _all_done(run, r, "eval", result["summary"] is not None)
+                sharded(r, "eval", lambda q: evaluate(run, r, resources=res, quiet=q)["summary"] is not None)
             prune_checkpoints(run, target)
 
 
@@ -175,10 +186,29 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
                 commands.append([*base, *args])
     if should_eval(run.config, r, target) and not eval_done(run, r):
         commands.append([*base, "eval", "--round", str(r), *common])
+    from scope_cli.cli.workers import run_workers, stage_folder
+
     for cmd in commands:
+        stage = cmd[3]
+        if run_workers(run, r, stage, quiet) and _finished(run, r, stage, stage_folder(run, r, stage)):
+            continue  # (else the stage's one process finishes it: eval's summary, a shard left)
         done = subprocess.run(cmd, env=os.environ.copy())
         if done.returncode != 0:
             raise ScopeError(f"round {r}: `{' '.join(cmd[2:])}` failed with exit code {done.returncode}")
+
+
+def _finished(run: Run, r: int, stage: str, folder: Path) -> bool:
+    """After a stage's workers: every shard is there (eval: and its summary)."""
+    from scope_cli.core.files import ShardError
+    from scope_cli.core.shards import complete_shards
+
+    if stage == "eval":
+        return eval_done(run, r)
+    try:
+        complete_shards(folder, stage)
+    except ShardError:
+        return False
+    return True
 
 
 def prune_checkpoints(run: Run, target: int) -> dict[str, list[int]]:

@@ -57,14 +57,24 @@ def round_(
     force: ForceOpt = False,
     isolate: Annotated[Optional[bool], typer.Option(
         "--isolate/--no-isolate", help="one subprocess per stage (default: round.isolate)")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="one node: run generate, prm-score, rectify and eval as N worker processes "
+        "claiming shards (sets round.workers; with CUDA, one worker per GPU of round.devices instead)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="list per round and stage what would run and what is done; run nothing")] = False,
     quiet: QuietOpt = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval)."""
+    """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval).
+
+    One node: `scope round 2 --run demo --workers 2` (CPU) spreads the sharded stages over worker
+    processes; with CUDA they run one per GPU (round.devices). Never more workers than shards
+    (generate.prompts_per_shard sets how many). Many nodes: `scope round 2 --run /shared/q7 --set
+    round.launcher=ray` runs them as tasks on the Ray cluster this node has joined."""
     from scope_cli.cli.rounds import bring_to_round, round_table
     from scope_cli.console import make_console
+
+    set_ = [*(set_ or []), *([f"round.workers={workers}"] if workers is not None else [])]
 
     if dry_run:
         from scope_cli.cli.rounds import dry_run as plan

@@ -8,7 +8,11 @@ would take as done; the manifest is written last. Timings live only in manifests
 Files and folders get the modes the umask gives (0666 / 0777 minus the umask), temporaries included.
 
 Concurrent workers take an ``flock`` on ``_locks/shard-NNNNN.lock`` (released by the kernel when the
-process dies) and skip shards another worker holds.
+process dies) and skip shards another worker holds. A worker either has a static slot (index i of k:
+shards with index % k == i; --shard-index/--num-shards, RANK/WORLD_SIZE, SLURM arrays) or claims
+shards as it goes (``SCOPE_CLAIM_SHARDS=1``, what `scope round` with round.workers > 1 starts,
+scope_cli/cli/workers.py): it walks every shard and computes the next one that is neither done nor
+locked, so N claiming workers share the shards whatever each one's speed.
 
 Temporary names carry their writer (scope_cli/tempfiles.py), so what a killed process left behind is
 removed by the next run: a shard's temporaries by whoever holds its lock, any other temporary once
@@ -124,8 +128,18 @@ def shard_lock(stage_dir: Path, index: int) -> Iterator[bool]:
         fh.close()
 
 
+CLAIM_ENV = "SCOPE_CLAIM_SHARDS"  # "1": this worker claims shards as it goes (worker slot CLAIM)
+CLAIM = (0, 0)  # the worker slot of a claiming worker: every shard, the next not done nor locked
+
+
 def worker_slot(shard_index: int | None = None, num_shards: int | None = None) -> tuple[int, int]:
-    """(index, count) of this worker: explicit flags, else RANK/WORLD_SIZE, else SLURM arrays."""
+    """(index, count) of this worker: explicit flags, else CLAIM where SCOPE_CLAIM_SHARDS=1, else
+    RANK/WORLD_SIZE, else SLURM arrays."""
+    if shard_index is None and num_shards is None and os.environ.get(CLAIM_ENV, "") not in ("", "0"):
+        if os.environ[CLAIM_ENV] != "1":
+            raise ShardError(f"environment variable {CLAIM_ENV}={os.environ[CLAIM_ENV]!r}: expected 1 "
+                             "(claim shards as they come) or 0")
+        return CLAIM
     if shard_index is not None or num_shards is not None:
         index = 0 if shard_index is None else shard_index
         count = 1 if num_shards is None else num_shards
@@ -249,6 +263,8 @@ def run_shards(
     quiet: bool = False,
 ) -> StageResult:
     """Compute every job of this worker that is not done; skip shards locked by another worker.
+    `worker`: (index, count), a static slot, or CLAIM: every job, each taken when neither done nor
+    locked (a claiming worker says nothing of the shards other workers hold: that is its normal case).
 
     `headline` ({"label", "num", "den"}) tells `scope status` which summary counters make the
     stage's headline metric. It says what it finds done by an earlier run (all of it: "done earlier,
@@ -288,7 +304,11 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
             manifest_path(stage_dir, shard_index(old)).unlink(missing_ok=True)
             old.unlink(missing_ok=True)
     result = StageResult()
-    index, count = worker
+    claiming = worker == CLAIM
+    if claiming and force:
+        raise ShardError(f"{stage}: --force with {CLAIM_ENV}=1: claiming workers would recompute each "
+                         "other's shards; recompute with one worker (or static --shard-index/--num-shards)")
+    index, count = (0, 1) if claiming else worker
     mine = [j for j in jobs if j.index % count == index]
     result.not_mine = [j.index for j in jobs if j.index % count != index]
     for job in mine:
@@ -298,7 +318,7 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
     where = _where(stage_dir)
     earlier = set() if force else {j.index for j in mine
                                    if is_done(stage_dir, j.index, j.inputs, cfg_hash, root, j.outputs)}
-    if earlier and len(earlier) < len(mine):
+    if earlier and len(earlier) < len(mine) and not claiming:
         console.print(f"{stage}: {where}: {len(earlier)} of {_shards(len(mine))} done earlier; computing "
                       f"{len(mine) - len(earlier)}")
     task = bars.add_task(f"{stage} {where}: shards", total=len(mine) - len(earlier), rate="")
@@ -306,6 +326,8 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
         with shard_lock(stage_dir, job.index) as held:
             if not held:
                 result.skipped_locked.append(job.index)
+                if claiming:
+                    continue
                 console.print(f"{stage}: {where}: shard {job.index} is being computed by another process; "
                               "left to it")
                 continue
@@ -332,6 +354,9 @@ def _run_shards(stage: str, stage_dir: Path, jobs: list[ShardJob], cfg_hash: str
             console.print(f"{stage}: {where}: shard {job.index} ({table.num_rows} rows, {seconds:.1f}s)")
             bars.advance(task)
     bars.remove_task(task)
-    if result.skipped_done and not result.computed:
+    if claiming:
+        console.print(f"{stage}: {where}: this worker computed {_shards(len(result.computed))} of "
+                      f"{len(jobs)}; the others were done earlier or by other workers")
+    elif result.skipped_done and not result.computed:
         console.print(f"{stage}: {where}: {_shards(len(result.skipped_done))} done earlier, skipped")
     return result
