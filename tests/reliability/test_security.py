@@ -151,7 +151,7 @@ def test_the_only_shell_script_quotes_every_argument(monkeypatch, tmp_path):
     monkeypatch.setattr(compare.subprocess, "Popen", Done)
     monkeypatch.setattr(compare.time, "sleep", lambda s: None)
     name = "x; touch PWNED $(id) `id`"
-    compare.run_arms(name, ["grpo"], [0], 1, None, ["run.name=a'b"], 1, tmp_path)
+    compare.run_arms(name, compare.parse_arms(["grpo"]), [0], 1, None, ["run.name=a'b"], 1, tmp_path)
     (argv,) = scripts
     assert argv[:2] == ["bash", "-c"]
     words = shlex.split(argv[2])
