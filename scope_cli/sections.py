@@ -342,3 +342,9 @@ class RoundConfig:
     # `ray` extra; scope_cli/cli/ray_workers.py): round.workers tasks where the cluster has no GPUs,
     # else one task per tensor-parallel group of its GPUs
     launcher: Literal["local", "ray"] = op("local")
+    # with round.launcher = ray: train-step over this many nodes, one `torchrun --nnodes N
+    # --nproc-per-node round.train_procs` per node started as a Ray task (one task per node, a
+    # STRICT_SPREAD placement group), the rendezvous static at node 0's address and round.train_port;
+    # 1: train-step runs where `scope round` runs
+    train_nodes: int = op(1, Range(ge=1, le=4096))
+    train_port: int = op(29500, Range(ge=1024, le=65535))  # node 0's rendezvous port (train_nodes > 1)

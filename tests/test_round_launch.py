@@ -45,3 +45,20 @@ def test_one_process_by_default_and_a_failed_stage_stops_the_round(tmp_path, mon
     assert [c[3] for c in commands] == list(rounds.STAGE_COMMANDS)  # no eval: round 1 of 3, every 5
     with pytest.raises(ScopeError, match="round 1: `scope_cli.cli.app rectify --round 1"):
         launched(monkeypatch, run, 1, 3, fail="rectify")
+
+
+def test_train_step_goes_to_the_ray_nodes_with_train_nodes(tmp_path, monkeypatch):
+    """round.launcher = ray with round.train_nodes = 2: the isolated round hands train-step to
+    ray_workers.train_on_nodes (tests/test_ray_train.py runs it); train_nodes = 1 keeps it here."""
+    from scope_cli.cli import ray_workers
+
+    handed = []
+    monkeypatch.setattr(ray_workers, "train_on_nodes", lambda run, r, quiet: handed.append(r))
+    monkeypatch.setattr("scope_cli.cli.workers.run_workers", lambda *a, **k: False)
+    run = Run.open(tmp_path / "run", None, ["round.launcher=ray", "round.train_nodes=2"], create=True)
+    commands = launched(monkeypatch, run, 1, 3)
+    assert [c[3] for c in commands] == [s for s in rounds.STAGE_COMMANDS if s != "train-step"]
+    assert handed == [1]
+    run = Run.open(tmp_path / "run", None, ["round.launcher=ray", "round.train_nodes=1"])
+    handed.clear()
+    assert [c[3] for c in launched(monkeypatch, run, 1, 3)] == list(rounds.STAGE_COMMANDS) and handed == []

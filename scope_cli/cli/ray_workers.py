@@ -63,6 +63,30 @@ def ray_plan(run: Run, shards: int, size: int) -> list[dict[str, Any]]:
     return [{CLAIM_ENV: "1", **passed, "num_gpus": per_task} for _ in range(min(count, max(shards, 1)))]
 
 
+def logged_process() -> Any:
+    """The function a Ray task runs (made here, so it travels to the nodes by value): `cmd` as a
+    process with `env` added, its output in `log`; returns its exit code."""
+
+    def run_logged(cmd: list[str], env: dict[str, str], log: str) -> int:  # (on a Ray worker)
+        import ctypes
+        import os
+        import signal
+        import subprocess
+
+        def end_with_this_task() -> None:
+            """The process gets SIGKILL when the Ray worker running this task dies (its raylet or node
+            lost): it never outlives its task holding shard locks (Linux PR_SET_PDEATHSIG = 1; Ray
+            runs a task on its worker's main thread)."""
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+        with open(log, "w") as out:
+            return subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, check=False,
+                                  preexec_fn=end_with_this_task).returncode
+
+    return run_logged
+
+
 class RayWorker:
     """One worker as a Ray task; the same interface as workers.LocalWorker."""
 
@@ -71,25 +95,8 @@ class RayWorker:
         env = dict(env)
         num_gpus = env.pop("num_gpus", 0)
 
-        def run_logged(cmd: list[str], env: dict[str, str], log: str) -> int:  # (on a Ray worker)
-            import ctypes
-            import os
-            import signal
-            import subprocess
-
-            def end_with_this_task() -> None:
-                """The worker process gets SIGKILL when the Ray worker running this task dies (its
-                raylet or node lost): it never outlives its task holding shard locks (Linux
-                PR_SET_PDEATHSIG = 1; Ray runs a task on its worker's main thread)."""
-                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-
-            with open(log, "w") as out:
-                return subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, check=False,
-                                      preexec_fn=end_with_this_task).returncode
-
         self.log, self.why, self._code = log, "", None
-        task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=1)(run_logged)
+        task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=1)(logged_process())
         self._ref = task.remote(cmd, env, str(log))
 
     def poll(self) -> int | None:
@@ -110,3 +117,49 @@ class RayWorker:
 
         if self._code is None and self.poll() is None:
             ray.cancel(self._ref, force=True)
+
+
+def train_on_nodes(run: Run, round_: int, quiet: bool = False) -> None:
+    """Round R's train-step over round.train_nodes nodes: one torchrun per node (round.train_procs
+    processes each) as a Ray task, one task per node (a STRICT_SPREAD placement group), node ranks in
+    bundle order, the rendezvous static at the address of the node holding bundle 0 and
+    round.train_port. Each node's output goes to round-RRR/logs/train-step-node-K.log; a failure is
+    one line naming the node and its log."""
+    import sys
+
+    ray = connect()
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    rc = run.config.round
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    bundle = {"CPU": 1, **({"GPU": rc.train_procs} if gpus else {})}
+    group = placement_group([bundle] * rc.train_nodes, strategy="STRICT_SPREAD")
+    try:
+        if not group.wait(timeout_seconds=300):
+            raise ScopeError(f"round.train_nodes = {rc.train_nodes}: the Ray cluster did not offer "
+                             f"{rc.train_nodes} nodes with {bundle} free within 300 s")
+        node_of = placement_group_table(group)["bundles_to_node_id"]
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}[node_of[0]]
+        logs = run.round_dir(round_) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        task = ray.remote(logged_process())
+        refs = []
+        for rank in range(rc.train_nodes):
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={rc.train_nodes}",
+                   f"--node-rank={rank}", f"--nproc-per-node={rc.train_procs}", f"--master-addr={address}",
+                   f"--master-port={rc.train_port}", "-m", "scope_cli.cli.app", "--", "train-step",
+                   "--round", str(round_), "--run", str(run.root), *(["--quiet"] if quiet else [])]
+            passed = {k: os.environ[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS") if k in os.environ}
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
+            refs.append(task.options(num_cpus=1, num_gpus=bundle.get("GPU", 0), max_retries=0,
+                                     scheduling_strategy=strategy).remote(cmd, passed,
+                                                                          str(logs / f"train-step-node-{rank}.log")))
+        codes = ray.get(refs)
+    finally:
+        remove_placement_group(group)
+    failed = [(rank, code) for rank, code in enumerate(codes) if code != 0]
+    if failed:
+        rank, code = failed[0]
+        raise ScopeError(f"round {round_}: train-step on node {rank} of {rc.train_nodes} failed with exit code "
+                         f"{code} (log: {logs / f'train-step-node-{rank}.log'})")

@@ -10,7 +10,9 @@ Two ways to run the stages, with identical files:
   once for all rounds; the engine loads each new policy's weights instead of restarting;
 - one subprocess per stage (`round.isolate = on`, and `auto` when CUDA is used): the policy engine,
   PRM, guide and trainer are never resident together, as a GPU needs. With round.train_procs = N > 1,
-  train-step runs under `torchrun --standalone --nproc-per-node N` (one node's GPUs).
+  train-step runs under `torchrun --standalone --nproc-per-node N` (one node's GPUs); with
+  round.launcher = ray and round.train_nodes = K > 1, under one torchrun per node of K, started as Ray
+  tasks (scope_cli/cli/ray_workers.py `train_on_nodes`), in either way of running.
 
 Either way, generate, prm-score, rectify and eval run as several worker processes claiming shards
 where round.workers > 1 on CPU, or over round.devices' GPUs with CUDA (scope_cli/cli/workers.py).
@@ -154,7 +156,12 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
                 sharded(r, "prm-score", lambda q: prm_score(run, r, resources=res, quiet=q))
                 _all_done(run, r, "locate-error", locate_error(run, r, quiet=quiet))
                 sharded(r, "rectify", lambda q: rectify(run, r, resources=res, quiet=q))
-                train_step(run, r, quiet=quiet)
+                if on_nodes(run):
+                    from scope_cli.cli.ray_workers import train_on_nodes
+
+                    train_on_nodes(run, r, quiet)
+                else:
+                    train_step(run, r, quiet=quiet)
             if should_eval(cfg, r, target) and not eval_done(run, r):
                 sharded(r, "eval", lambda q: evaluate(run, r, resources=res, quiet=q)["summary"] is not None)
             prune_checkpoints(run, target)
@@ -179,7 +186,7 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
     if r > 0 and not train_done(run, r):
         for stage in STAGE_COMMANDS:
             args = [stage, "--round", str(r), *common]
-            if stage == "train-step" and procs > 1:  # the `--` keeps torchrun off `--run`
+            if stage == "train-step" and (procs > 1 or on_nodes(run)):  # `--`: torchrun's args end
                 commands.append([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc-per-node={procs}", "-m", "scope_cli.cli.app", "--", *args])
             else:
@@ -190,11 +197,21 @@ def _round_in_subprocesses(run: Run, r: int, target: int, quiet: bool) -> None:
 
     for cmd in commands:
         stage = cmd[3]
+        if stage == "--standalone" and on_nodes(run):  # train-step over several nodes, through Ray
+            from scope_cli.cli.ray_workers import train_on_nodes
+
+            train_on_nodes(run, r, quiet)
+            continue
         if run_workers(run, r, stage, quiet) and _finished(run, r, stage, stage_folder(run, r, stage)):
             continue  # (else the stage's one process finishes it: eval's summary, a shard left)
         done = subprocess.run(cmd, env=os.environ.copy())
         if done.returncode != 0:
             raise ScopeError(f"round {r}: `{' '.join(cmd[2:])}` failed with exit code {done.returncode}")
+
+
+def on_nodes(run: Run) -> bool:
+    """train-step runs over several nodes (round.train_nodes > 1 with round.launcher = ray)."""
+    return run.config.round.launcher == "ray" and run.config.round.train_nodes > 1
 
 
 def _finished(run: Run, r: int, stage: str, folder: Path) -> bool:

@@ -70,7 +70,8 @@ def round_(
     One node: `scope round 2 --run demo --workers 2` (CPU) spreads the sharded stages over worker
     processes; with CUDA they run one per GPU (round.devices). Never more workers than shards
     (generate.prompts_per_shard sets how many). Many nodes: `scope round 2 --run /shared/q7 --set
-    round.launcher=ray` runs them as tasks on the Ray cluster this node has joined."""
+    round.launcher=ray` runs them as tasks on the Ray cluster this node has joined (add `--set
+    round.train_nodes=K` for train-step on K nodes, one torchrun each)."""
     from scope_cli.cli.rounds import bring_to_round, round_table
     from scope_cli.console import make_console
 
