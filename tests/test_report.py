@@ -10,12 +10,13 @@ from scope_cli.schema import TRAIN_METRICS, conform
 from scope_cli.core.files import write_parquet_atomic
 
 
-def fake_run(root, accs, updates_per_round, entropy0):
-    """A run with rounds 0..len(accs)-1 evaluated and train metrics for rounds >= 1."""
+def fake_run(root, accs, updates_per_round, entropy0, extra=None):
+    """A run with rounds 0..len(accs)-1 evaluated and train metrics for rounds >= 1 (`extra`: more
+    held-out metrics)."""
     run = Run.open(root, create=True)
     for round_, acc in enumerate(accs):
         metrics = {"greedy_acc": acc, "avg@1": acc / 2, "pass@1": acc / 2, "pass@8": min(1.0, acc * 2),
-                   "maj@8": acc, "distinct_correct_norm": 0.1 * round_, "distinct-2": 0.5}
+                   "maj@8": acc, "distinct_correct_norm": 0.1 * round_, "distinct-2": 0.5, **(extra or {})}
         tables = [summary_table(round_, f"policy-{round_:03d}", "heldout", metrics),
                   summary_table(round_, f"policy-{round_:03d}", "ood", {"greedy_acc": acc / 4})]
         write_parquet_atomic(pa.concat_tables(tables), run.eval_dir(round_) / "summary.parquet")
@@ -131,3 +132,19 @@ def test_report_command(tmp_path):
     assert (tmp_path / "out" / "report.png").exists() and (tmp_path / "out" / "report.md").exists()
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no run here" in missing.output
+
+
+def test_the_diversity_measures_failures_cannot_move_get_panels(tmp_path):
+    """Evals with distinct-2[correct] and strategy_entropy[all] (scope_cli/metrics.py) add a panel each
+    and a table column; the entropy in bits is not drawn on the 0-1 axis."""
+    from scope_cli.cli.report import panels, table_rows
+
+    extra = {"distinct-2[correct]": 0.6, "strategy_entropy[all]": 1.4}
+    runs = [load_run(fake_run(tmp_path / "grpo", [0.2, 0.3], 4, 1.5, extra))]
+    chosen = {p.metric: p for p in panels(runs) if p.family == "diversity"}
+    assert list(chosen) == ["distinct_correct_norm", "distinct-2", "distinct-2[correct]", "strategy_entropy[all]",
+                            "entropy"]
+    assert chosen["distinct-2[correct]"].unit and not chosen["strategy_entropy[all]"].unit
+    header, rows = table_rows(runs)
+    assert header[-4:] == ["heldout distinct-2[correct]", "heldout strategy_entropy[all]", "entropy", "rollout acc"]
+    assert rows[1][-4:-2] == ["0.600", "1.400"]

@@ -12,7 +12,8 @@ like a run):
   one colour per run (legend on top), against optimizer updates (integer ticks; round R sits at the
   last update of its train-step, round 0, the base policy, at update 0): accuracy (greedy, else
   avg@1) on each eval set; pass@k for each k on the first set; diversity on the first set (distinct
-  correct solutions, distinct-2) and the policy's entropy during train-step. Fractions are drawn on
+  correct solutions, distinct-2, and where the evals have them distinct-2 of correct samples and the
+  strategy entropy) and the policy's entropy during train-step. Fractions are drawn on
   the full, shared 0-1 axis, so equal changes look equal; entropy has its own axis.
 - report.md: the same numbers as a table, one row per run and evaluated round (also printed).
 
@@ -134,7 +135,7 @@ def table_rows(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     ks = sorted(int(m[5:]) for m in present if m.startswith("pass@"))
     header = ["run", "round", "update"] + [f"{s} acc" for s in sets]
     wanted = [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks[-1:]]
-    wanted += ["distinct_correct_norm", "distinct-2"]
+    wanted += ["distinct_correct_norm", "distinct-2", "distinct-2[correct]", "strategy_entropy[all]"]
     columns = [m for m in wanted if m in present]
     header += [f"{first} {c}" for c in columns] + ["entropy", "rollout acc"]
     rows = []
@@ -192,6 +193,12 @@ def panels(runs: list[RunData]) -> list[Panel]:
     if "distinct-2" in present:
         out.append(Panel("diversity", f"{first}: distinct-2", "distinct bigrams / bigrams",
                          "distinct-2", first, True))
+    if "distinct-2[correct]" in present:  # measures where failures err cannot move (metrics.py)
+        out.append(Panel("diversity", f"{first}: distinct-2 of correct samples",
+                         "distinct bigrams / bigrams", "distinct-2[correct]", first, True))
+    if "strategy_entropy[all]" in present:
+        out.append(Panel("diversity", f"{first}: strategy entropy", "bits (order of terms)",
+                         "strategy_entropy[all]", first, False))
     if any(r.entropy for r in runs):
         out.append(Panel("diversity", "policy entropy (train-step)", "entropy (nats / token)",
                          "entropy", None, False))
