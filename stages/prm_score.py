@@ -33,7 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from scope_cli.backends.prm import PrmError, PrmItem, load_prm
+from scope_cli.backends.prm import PrmError, PrmItem
 from scope_cli.core.config import Config, config_hash
 from scope_cli.core.resources import StageResources, own_or_shared
 from scope_cli.core.runs import Run
@@ -44,7 +44,13 @@ from scope_cli.backends.steps import align_steps, load_policy_tokenizer
 from scope_cli.locate import apply_noise, first_error, processbench, uses_prm
 from scope_cli.tasks import get_task
 
-CONFIG_KEYS = ["prm", "run.algo", "locate.threshold"]  # the threshold: what noise and errors_found call wrong
+CONFIG_KEYS = ["prm", "run.algo"]
+
+
+def config_keys(cfg: Config) -> list[str]:
+    """CONFIG_KEYS, and locate.threshold where it changes the scores written (prm.noise > 0: what the
+    noise calls a row's first error); with no noise it moves only the summary's errors_found."""
+    return CONFIG_KEYS + ["locate.threshold"] if cfg.prm.noise > 0 else CONFIG_KEYS
 
 
 def policy_tokenizer(run: Run, round_: int) -> Any:
@@ -123,7 +129,7 @@ def prm_score(run: Run, round_: int, *, force: bool = False, worker: tuple[int, 
     with own_or_shared(cfg, resources) as res:
         jobs = [ShardJob(shard_index(f), [f], (lambda f=f: compute(res, f))) for f in files]
         return run_shards(
-            "prm-score", dst, jobs, config_hash(cfg, CONFIG_KEYS), CONFIG_KEYS, run.root,
+            "prm-score", dst, jobs, config_hash(cfg, config_keys(cfg)), config_keys(cfg), run.root,
             engines=engine_versions("pyarrow", "torch", "transformers", "tokenizers", "vllm"),
             force=force, worker=worker,
             headline={"label": "error found", "num": "errors_found", "den": "scored"}, quiet=quiet,
@@ -139,7 +145,6 @@ def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
     cfg = run.config
     table = read_stage(run.stage_dir(round_, "verified"), VERIFIED)
     tokenizer = policy_tokenizer(run, round_)
-    scorer = load_prm(cfg.prm)
     rows = table.select(["problem", "task", "seed", "response_ids"]).to_pylist()
     items, labels, seeds = [], [], []
     skipped = 0
@@ -158,7 +163,9 @@ def eval_against_rule(run: Run, round_: int) -> dict[str, Any]:
         labels.append(first_error(exact, "threshold", 0.5))
         seeds.append(row["seed"] or 0)
     preds = []
-    for scores, seed in zip(scorer.score(items), seeds):
+    with StageResources(cfg) as res:  # the PRM, closed at the end
+        scored = res.prm().score(items)
+    for scores, seed in zip(scored, seeds):
         if scores is None:
             preds.append(None)
             continue

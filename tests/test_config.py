@@ -174,3 +174,15 @@ def test_a_key_added_later_keeps_the_hash_of_earlier_runs_at_its_default():
     assert config_hash(Config(), rectify.CONFIG_KEYS) == "270830f7de378e2f"
     assert config_hash(load_config(None, ["locate.order=random"]), keys) != "8642ee590b5e9f7c"
     assert config_hash(load_config(None, ["locate.order=longest"]), keys) == "8642ee590b5e9f7c"
+
+
+def test_prm_score_hashes_the_threshold_only_where_noise_reads_it():
+    """locate.threshold changes prm-score's output only through prm.noise: without noise the stage
+    hashes as runs made before it read the threshold (the value below), so their scored/ stays done."""
+    from stages import prm_score
+
+    assert config_hash(Config(), prm_score.config_keys(Config())) == "c4349b9e2c855ab5"
+    noisy = load_config(None, ["prm.noise=0.3"])
+    assert "locate.threshold" in prm_score.config_keys(noisy)
+    moved = load_config(None, ["prm.noise=0.3", "locate.threshold=0.4"])
+    assert config_hash(moved, prm_score.config_keys(moved)) != config_hash(noisy, prm_score.config_keys(noisy))

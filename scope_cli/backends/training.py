@@ -56,7 +56,7 @@ class Dist:
 
 def set_threads(threads: int) -> None:
     """torch's CPU threads for this process: train.threads (0: torch's default), set the same way for
-    every command that runs a model (`scope_cli.cli.app.open_run`) and by the SFT bootstrap. One thread is
+    every command that runs a model (`scope_cli.cli.options.open_run`) and by the SFT bootstrap. One thread is
     fastest for the tiny models on small CPUs (on a loaded 2-core machine torch's default made `scope
     eval --round 0` alone 6× slower: docs/PERFORMANCE.md). Left alone where CUDA is used."""
     if threads > 0 and not torch.cuda.is_available():

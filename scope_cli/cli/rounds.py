@@ -48,10 +48,11 @@ def eval_done(run: Run, round_: int) -> bool:
     """Round R's eval finished: its summary manifest (written after summary.parquet and
     training.parquet) is whole and both files have the sizes it records. (Their contents are checked
     by `scope eval`, `scope status` and the readers: this check runs for every round, often.)"""
+    from scope_cli.core.eval_files import summary_manifest
     from scope_cli.core.manifests import manifest_files, read_manifest
 
     eval_dir = run.eval_dir(round_)
-    m, _ = read_manifest(eval_dir / "_manifest" / "summary.json")
+    m, _ = read_manifest(summary_manifest(eval_dir))
     return m is not None and all(p.is_file() and p.stat().st_size == r["size"]
                                  for p, r in manifest_files(m, eval_dir, run.root))
 
@@ -154,8 +155,10 @@ def _rounds_in_process(run: Run, rounds: list[int], target: int, quiet: bool) ->
                 sharded(r, "generate", lambda q: generate(run, r, resources=res, quiet=q))
                 _all_done(run, r, "verify", verify(run, r, resources=res, quiet=quiet))
                 sharded(r, "prm-score", lambda q: prm_score(run, r, resources=res, quiet=q))
+                res.release("prm")  # freed after its stage, as a stage run alone frees it
                 _all_done(run, r, "locate-error", locate_error(run, r, quiet=quiet))
                 sharded(r, "rectify", lambda q: rectify(run, r, resources=res, quiet=q))
+                res.release("guide")
                 if on_nodes(run):
                     from scope_cli.cli.ray_workers import train_on_nodes
 
@@ -347,13 +350,13 @@ def dry_run(run: Run, target: int) -> list[tuple[int, str, str]]:
                     rows.append((r, name, "would run"))
                     continue
                 state = count(run.stage_dir(r, dst), [[f] for f in files],
-                              config_hash(cfg, module.CONFIG_KEYS))
+                              config_hash(cfg, module.config_keys(cfg) if hasattr(module, "config_keys")
+                                          else module.CONFIG_KEYS))
                 pending = not state.startswith("done")
                 rows.append((r, name, state))
-            train_done = (not pending and policy_complete(run.policy_dir(r))
-                          and (run.train_dir(r) / "_manifest" / "shard-00000.json").exists())
-            pending = not train_done
-            rows.append((r, "train-step", "done" if train_done else "would run"))
+            trained = not pending and train_done(run, r)
+            pending = not trained
+            rows.append((r, "train-step", "done" if trained else "would run"))
         if not eval_stage.should_eval(cfg, r, target):
             rows.append((r, "eval", f"not due (eval.every = {cfg.eval.every})"))
         elif eval_done(run, r) and not pending:

@@ -73,8 +73,16 @@ class StageResources:
                            else ModelGuide(c.rectify, c.generate, c.policy.trust_remote_code))
         return self._guide
 
+    def release(self, *names: str) -> None:
+        """Close some of them now ("prm", "guide", ...): a round frees the PRM after prm-score and the
+        guide after rectify, so they never sit beside the next stage's models."""
+        self._close([f"_{n}" for n in names])
+
     def close(self) -> None:
-        for name in ("_engine", "_verifier", "_prm", "_guide"):
+        self._close(["_engine", "_verifier", "_prm", "_guide"])
+
+    def _close(self, names: list[str]) -> None:
+        for name in names:
             thing, closer = getattr(self, name), None
             setattr(self, name, None)
             closer = getattr(thing, "close", None)

@@ -29,15 +29,14 @@ import argparse
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from scope_cli.backends.prm import QWEN_STEP_TOKEN, PrmItem, qwen_text
 from scope_cli.locate import first_error, processbench
-from scope_cli.tempfiles import honour_umask_files
+from scope_cli.errors import write_errors_named
+from scope_cli.tempfiles import folder_written_whole
 from scope_cli.tasks import arith
 
 DATA_SEED = 20_26_02  # arith problems for the PRM's data, drawn apart from prepare's seeds
@@ -139,9 +138,7 @@ def save_prm(module, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> Pa
 
     quiet_transformers()
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with write_errors_named(out), folder_written_whole(out) as tmp:
         module.model.config.save_pretrained(tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -152,13 +149,6 @@ def save_prm(module, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> Pa
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
             cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         (tmp / PRM_MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        honour_umask_files(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -338,9 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import sys
 
-    import torch
+    from scope_cli.backends.training import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     command = " ".join(["python -m scope_cli.models.prm_train", *(sys.argv[1:] if argv is None else argv)])
     info = build(args.out, policy=args.policy, train_problems=args.train_problems,
                  eval_problems=args.eval_problems, samples=args.samples, steps=args.steps,
