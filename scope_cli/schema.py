@@ -77,7 +77,6 @@ RECTIFY_COLUMNS = [
 # rather than failing the column check
 OPTIONAL_COLUMNS = frozenset({"stop_token_id"})
 
-VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
 ORIGINS = ("policy", "rectified", "reference", "guided")
 
 

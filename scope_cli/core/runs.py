@@ -35,7 +35,6 @@ from scope_cli.core.policy import policy_complete
 if TYPE_CHECKING:
     import numpy as np
 
-STAGES = ("rollouts", "verified", "scored", "located", "rectified")
 class RunError(ScopeError):
     """A run-level problem (missing input, refused config): one line."""
 
