@@ -35,6 +35,7 @@ from scope_cli.core.policy import policy_complete
 if TYPE_CHECKING:
     import numpy as np
 
+
 class RunError(ScopeError):
     """A run-level problem (missing input, refused config): one line."""
 
