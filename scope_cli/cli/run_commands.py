@@ -67,11 +67,11 @@ def round_(
 ) -> None:
     """Run the seven stages of every unfinished round up to TARGET (and the round-0 baseline eval).
 
-    One node: `scope round 2 --run demo --workers 2` (CPU) spreads the sharded stages over worker
-    processes; with CUDA they run one per GPU (round.devices). Never more workers than shards
-    (generate.prompts_per_shard sets how many). Many nodes: `scope round 2 --run /shared/q7 --set
-    round.launcher=ray` runs them as tasks on the Ray cluster this node has joined (add `--set
-    round.train_nodes=K` for train-step on K nodes, one torchrun each)."""
+    One node: scope round 2 --run demo --workers 2   (CUDA: one worker per GPU, round.devices)
+
+    Many nodes: scope round 2 --run /shared/q7 --set round.launcher=ray   (+ --set round.train_nodes=K)
+
+    Workers claim shards; never more workers than shards (generate.prompts_per_shard)."""
     from scope_cli.cli.rounds import bring_to_round, round_table
     from scope_cli.console import make_console
 
