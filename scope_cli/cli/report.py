@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,21 +268,6 @@ def figure_files(runs: list[RunData], title: str | None = None) -> dict[str, byt
 
 
 # ---- the command -------------------------------------------------------------------------------------
-def _write_atomic(data: bytes, path: Path) -> None:
-    from scope_cli.tempfiles import honour_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        honour_umask(Path(tmp))
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_out_dir(run_roots: list[Path]) -> Path:
     """reports/<run>-vs-<run>/ in the current folder: outside the runs folder, one per comparison."""
     return Path("reports") / "-vs-".join(Path(r).name for r in run_roots)
@@ -309,12 +292,14 @@ def report(run_roots: list[Path], out_dir: Path | None = None, title: str | None
             r.name = str(r.root)
     header, rows = table_rows(runs)
     text = markdown(header, rows)
+    from scope_cli.core.files import write_bytes_atomic
+
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(run_roots)
     files = figure_files(runs, title)
     paths = {fmt: out_dir / f"report.{fmt}" for fmt in files}
     for fmt, data in files.items():
-        _write_atomic(data, paths[fmt])
+        write_bytes_atomic(data, paths[fmt])
     md = out_dir / "report.md"
     notes = "".join(f"\nSkipped: {s}\n" for s in skipped)
-    _write_atomic(f"# scope report\n\n![report](report.png)\n\n{text}{notes}".encode(), md)
+    write_bytes_atomic(f"# scope report\n\n![report](report.png)\n\n{text}{notes}".encode(), md)
     return {"png": paths["png"], "pdf": paths["pdf"], "markdown": md, "table": text, "skipped": skipped}

@@ -69,6 +69,8 @@ def check_inside_run(folder: Path, root: Path) -> None:
 
 # ---- atomic writes ---------------------------------------------------------------------------------
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a temporary file beside `path`, which gets the umask's mode, is fsynced and
+    renamed into place."""
     path = Path(path)
     tmp_path = None
     try:
@@ -106,6 +108,10 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 # ---- reading -----------------------------------------------------------------------------------------

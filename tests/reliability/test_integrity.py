@@ -14,7 +14,7 @@ import shlex
 import shutil
 
 import pytest
-from rel_helpers import copy_run, data_files, run_plan, temporaries
+from rel_helpers import copy_run, data_files, one_line_error, run_plan, temporaries
 from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
@@ -24,15 +24,6 @@ from scope_cli.core.runs import Run
 
 def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res, *fragments: str) -> str:
-    assert res.exit_code == 2, res.output
-    text = res.output.strip()
-    assert text.startswith("error:") and len(text.splitlines()) == 1, text
-    for fragment in fragments:
-        assert fragment in text, text
-    return text
 
 
 def flip_bit(path) -> None:
