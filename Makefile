@@ -63,10 +63,17 @@ round: setup
 	$(SCOPE) prepare $(RUN_ARGS) --quiet
 	$(SCOPE) round $(N) $(RUN_ARGS)
 
-# The miniature experiment: GRPO vs LUFFY vs SCOPE (3 seeds; FULL=1: 5 seeds and >= 200 updates).
+# The miniature experiment of docs/RESULTS.md. Plain: its headline table (configs/hard-ood.toml, the six
+# main arms of `scope compare`, 3 seeds, 8 rounds = 32 updates; NAME and CONFIG override the preset).
+# FULL=1: the full set (scripts/compare-full.sh: 5 seeds x 25 rounds, the ablations, the default preset,
+# the PRM sweep): hours of CPU; every compare resumes, so rerunning continues where one stopped.
 compare: setup
-	$(SCOPE) compare $(if $(FULL),--seeds 5 --rounds 50,--seeds 3 --rounds 8) --set eval.every=4 --name $(or $(NAME),mini) \
-		$(if $(CONFIG),--config $(CONFIG))
+ifdef FULL
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/compare-full.sh
+else
+	$(SCOPE) compare --config $(or $(CONFIG),configs/hard-ood.toml) --seeds 3 --rounds 8 --set eval.every=4 \
+		--name $(or $(NAME),headline)
+endif
 
 test: $(TEST_SETUP)
 	$(BIN)/python -m pytest -q

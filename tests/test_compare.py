@@ -196,10 +196,12 @@ def test_compare_end_to_end(tmp_path):
     env = {**os.environ, "SCOPE_RUNS_DIR": str(tmp_path / "runs")}
     done = subprocess.run([sys.executable, "-m", "scope_cli.cli.app", "compare", "--rounds", "1", "--seeds", "1",
                            "--name", "t", "--jobs", "2", "--config", str(config), "--algos", "grpo,scope",
-                           "--algos", "split=scope,train.advantage=grpo_split"],
+                           "--algos", "split=scope,train.advantage=grpo_split", "--out", str(tmp_path / "tables")],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "runs" / "t-compare"
+    out = tmp_path / "tables"  # --out: the tables and logs there, the runs under SCOPE_RUNS_DIR
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["t-grpo-s0.log", "t-scope-s0.log", "t-split-s0.log"]
+    assert not (tmp_path / "runs" / "t-compare").exists()
     table = pl.read_parquet(out / "table.parquet")
     assert set(table["arm"]) == {"grpo", "scope", "split", "scope-grpo", "split-grpo", "scope-split"}
     greedy = table.filter(pl.col("eval_set") == "heldout", pl.col("metric") == "greedy_acc")

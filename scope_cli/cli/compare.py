@@ -193,8 +193,9 @@ def arm_name(name: str, arm: str, seed: int) -> str:
 
 
 def run_arms(name: str, arms: list[Arm], seeds: list[int], rounds: int, config: str | None,
-             overrides: list[str], jobs: int, runs_dir: Path) -> dict[str, int]:
-    """Prepare and run every arm to `rounds`, `jobs` at a time; returns exit codes by arm."""
+             overrides: list[str], jobs: int, runs_dir: Path, log_dir: Path | None = None) -> dict[str, int]:
+    """Prepare and run every arm to `rounds`, `jobs` at a time (logs in `log_dir`, by default
+    <runs_dir>/<name>-compare/logs); returns exit codes by arm."""
     from scope_cli.console import make_console
 
     console = make_console(stderr=True)
@@ -210,7 +211,7 @@ def run_arms(name: str, arms: list[Arm], seeds: list[int], rounds: int, config: 
             script = (f"{' '.join(map(_q, scope))} prepare {' '.join(map(_q, args))} --quiet && "
                       f"{' '.join(map(_q, scope))} round {rounds} {' '.join(map(_q, args))} --quiet")
             pending.append((run, script))
-    log_dir = runs_dir / f"{name}-compare" / "logs"
+    log_dir = log_dir or runs_dir / f"{name}-compare" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     running: list[tuple[str, subprocess.Popen, float]] = []
     codes: dict[str, int] = {}

@@ -24,9 +24,12 @@ from scope_cli.cli.options import (
 )
 from scope_cli.errors import ScopeError
 
-# the arms `scope compare` runs by default: the three the recorded tables (docs/RESULTS.md) compare;
-# luffy_matched and vppo (and arms with their own settings) through --algos
-DEFAULT_ARMS = "grpo,luffy,scope"
+# the arms `scope compare` runs by default, the headline of docs/RESULTS.md: GRPO, GRPO with dynamic
+# sampling, luffy_matched (SCOPE's rows, the guide writes the whole solution), vppo (the PRM's first
+# error, no guide), SCOPE with the oracle guide and with the LM guide. `--algos grpo,luffy,scope` runs
+# the three arms of the first recorded tables.
+DEFAULT_ARMS = ("grpo,grpo-ds=grpo,generate.oversample=2,luffy_matched,vppo,scope,"
+                "scope-model=scope,rectify.guide=model,rectify.guide_path=data/policies/arith-guide")
 
 
 @one_line_errors
@@ -113,6 +116,10 @@ def compare(
         "section.key=value settings (grpo,scope,scope-split=scope,train.advantage=grpo_split); "
         "repeatable")] = [DEFAULT_ARMS],  # noqa: B006 (typer reads it, nothing mutates it)
     jobs: Annotated[int, typer.Option("--jobs", help="arms run at once (default: CPU count)")] = 0,
+    out_dir: Annotated[Optional[str], typer.Option(
+        "--out", help="folder for table.md, table.parquet, curves.png and the arms' logs (default: "
+        "<runs>/<name>-compare); several compares can share arms' runs (same --name) and keep their own "
+        "tables")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -131,10 +138,10 @@ def compare(
     names = [a.name for a in arms]
     runs_dir = Path(os.environ.get("SCOPE_RUNS_DIR", "runs"))
     seed_list = list(range(seeds))
+    out = Path(out_dir) if out_dir else runs_dir / f"{name}-compare"
     codes = cmp.run_arms(name, arms, seed_list, rounds, config, set_ or [], jobs or os.cpu_count() or 1,
-                         runs_dir)
+                         runs_dir, out / "logs")
     failed = [r for r, c in codes.items() if c != 0]
-    out = runs_dir / f"{name}-compare"
     if failed:
         raise ScopeError(f"compare: arms failed: {', '.join(failed)} (logs in {out / 'logs'})")
     table = cmp.summarise(name, names, seed_list, rounds, runs_dir)
