@@ -7,7 +7,8 @@ Reads round-R/verified/ and writes round-R/scored/ (schema SCORED), shard N from
 
 - ``steps`` (the task's step texts) and ``step_token_ends`` (exclusive token index in response_ids
   where each step ends, so the first k steps are an exact token prefix; see scope_cli/backends/steps.py):
-  filled for every row when run.algo=scope or luffy_matched (a tokenizer pass, cheap), so users can inspect any row.
+  filled for every row when run.algo=scope, luffy_matched or vppo (a tokenizer pass, cheap), so users can
+  inspect any row.
 - ``step_scores``: P(step correct) from prm.backend (rule | hf | vllm) for the failed rows
   (prm.score=failed, the default: only they are candidates for rectification) or for all rows
   (prm.score=all); null for rows not scored.

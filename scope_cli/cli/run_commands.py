@@ -151,7 +151,7 @@ def compare(
     write_text_atomic(f"# {name}: {'; '.join(a.spec for a in arms)}; {seeds} seeds; round {rounds}\n\n"
                       f"{markdown}", out / "table.md")
     cmp.plot_curves(name, names, seed_list, runs_dir, out / "curves.png",
-                    ("greedy_acc", "avg@1", "pass@8", "distinct_correct_norm", "strategy_entropy[all]",
+                    ("greedy_acc", "avg@1", "pass@8", "distinct_correct@8", "strategy_entropy[all]",
                      "later_error_share"))
     console = make_console()  # markup off: `avg@1[difficulty=5]` is printed as it is
     console.print(markdown)
