@@ -31,6 +31,10 @@ Sampled metrics take the n samples of each prompt (n = `eval.n_samples`):
   `strategy_entropy` averages prompts with at least one correct sample (a set that differs by arm);
   `strategy_entropy[all]` averages every prompt with 0 where none is correct (the same set for every
   arm: it is the one to compare arms on);
+- pair_differ_probability (used by bench/diversity_common.py, not an eval row): the chance that two
+  correct solutions of a prompt differ, estimated without bias at any number of correct samples; the
+  script averages it over the prompts on which every arm has at least two correct samples, one
+  prompt set for all arms, so neither accuracy nor where errors fall can move it;
 - later-error share: of the failures an exact step checker located, the share whose first wrong
   step is not the first step (index >= 1).
 
@@ -121,6 +125,19 @@ def distinct_n_within(groups: Iterable[Iterable[Sequence[str]]], n: int) -> floa
         unique += len(set(grams))
         total += len(grams)
     return unique / total if total else None
+
+
+def pair_differ_probability(multiplicities: Sequence[int]) -> float | None:
+    """The chance that two correct solutions of a prompt differ (Gini-Simpson diversity of its
+    strategies), estimated without bias from c = sum(multiplicities) correct samples:
+    1 - sum_i m_i (m_i - 1) / (c (c - 1)). Its expectation does not depend on c (unlike distinct-n or
+    the entropy of c samples, which move with how many are correct); None with fewer than two."""
+    if any(m < 1 for m in multiplicities):
+        raise ValueError(f"pair_differ_probability: need multiplicities >= 1, got {list(multiplicities)}")
+    c = sum(multiplicities)
+    if c < 2:
+        return None
+    return 1.0 - sum(m * (m - 1) for m in multiplicities) / (c * (c - 1))
 
 
 def expected_distinct(multiplicities: Sequence[int], n: int, k: int) -> float:

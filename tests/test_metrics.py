@@ -244,3 +244,40 @@ def test_greedy_metrics_and_summary_table():
     assert table.column("metric").to_pylist() == list(m)
     assert set(table.column("round").to_pylist()) == {2}
     assert math.isclose(sum(table.column("value").to_pylist()), 2.0)
+
+
+@pytest.mark.parametrize("mults, expected", [
+    ([1], None),                # one correct sample: no pair
+    ([3], 0.0),                 # all the same solution
+    ([1, 1, 1, 1], 1.0),        # all different
+    ([2, 2], 1 - 4 / 12),       # 4 correct: 2 + 2 same-solution ordered pairs of 12
+    ([3, 1], 1 - 6 / 12),
+    ([2, 1, 1], 1 - 2 / 12),
+])
+def test_pair_differ_probability_hand_values(mults, expected):
+    from scope_cli.metrics import pair_differ_probability
+
+    got = pair_differ_probability(mults)
+    assert got == expected if expected is None else got == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("probs, count", [((0.5, 0.5), 2), ((0.5, 0.5), 3), ((0.7, 0.2, 0.1), 4),
+                                          ((0.25,) * 4, 5)])
+def test_pair_differ_probability_is_unbiased_at_any_count(probs, count):
+    """Enumerating every sequence of `count` correct solutions drawn from `probs`: the expectation is
+    1 - sum p^2 whatever the count, where the entropy of the samples and their distinct share are not
+    (the accuracy confound the measure exists to remove)."""
+    import itertools
+    import math
+
+    from scope_cli.metrics import entropy_bits, pair_differ_probability
+
+    expected_value = expected_entropy = 0.0
+    for draw in itertools.product(range(len(probs)), repeat=count):
+        weight = math.prod(probs[i] for i in draw)
+        mults = [draw.count(i) for i in range(len(probs)) if draw.count(i)]
+        expected_value += weight * pair_differ_probability(mults)
+        expected_entropy += weight * entropy_bits(mults)
+    assert expected_value == pytest.approx(1 - sum(p * p for p in probs), abs=1e-12)
+    true_entropy = -sum(p * math.log2(p) for p in probs)
+    assert expected_entropy < true_entropy - 0.05  # the plug-in entropy is biased low at small counts
