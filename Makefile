@@ -64,14 +64,14 @@ round: setup
 	$(SCOPE) round $(N) $(RUN_ARGS)
 
 # The miniature experiment of docs/RESULTS.md. Plain: its headline table (configs/hard-ood.toml, the six
-# main arms of `scope compare`, 5 seeds, 8 rounds = 32 updates; NAME and CONFIG override the preset).
+# main arms of `scope compare`, 3 seeds, 8 rounds = 32 updates; NAME and CONFIG override the preset).
 # FULL=1: the full set (scripts/compare-full.sh: 5 seeds x 25 rounds, the ablations, the default preset,
 # the PRM sweep): hours of CPU; every compare resumes, so rerunning continues where one stopped.
 compare: setup
 ifdef FULL
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/compare-full.sh
 else
-	$(SCOPE) compare --config $(or $(CONFIG),configs/hard-ood.toml) --seeds 5 --rounds 8 --set eval.every=4 \
+	$(SCOPE) compare --config $(or $(CONFIG),configs/hard-ood.toml) --seeds 3 --rounds 8 --set eval.every=4 \
 		--name $(or $(NAME),headline)
 endif
 
