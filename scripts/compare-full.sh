@@ -23,10 +23,11 @@ scope compare --config configs/hard-ood.toml --name full --seeds 3 "${every[@]}"
 # 3. The default preset (3-6 operands), 3 seeds.
 scope compare --name full-default --seeds 3 "${every[@]}" --algos grpo,luffy_matched,scope
 
-# 4. The PRM sweep, 3 seeds: SCOPE with the learned PRM and with the exact PRM made wrong with
-#    probability 0.1 / 0.3 / 0.5 (arms scope-noise10/30/50: an arm's name has no dot). On configs/hard.toml, whose base policy (arith-tiny) is the one the
-#    shipped learned PRM (data/prms/arith-tiny-prm) was trained on.
-scope compare --config configs/hard.toml --name full-prm --seeds 3 "${every[@]}" \
-    --algos grpo,scope,scope-prm-learned=scope,prm.backend=hf,prm.path=data/prms/arith-tiny-prm \
+# 4. The PRM sweep, 3 seeds, paired with the runs of 1: SCOPE with the learned PRM of the preset's base
+#    policy (data/prms/arith-tiny-long-prm, held-out F1 0.77) and with the exact PRM made wrong with
+#    probability 0.1 / 0.3 / 0.5 (arms scope-noise10/30/50: an arm's name has no dot).
+scope compare --config configs/hard-ood.toml --name full --seeds 3 "${every[@]}" \
+    --algos grpo,scope,scope-prm-learned=scope,prm.backend=hf,prm.path=data/prms/arith-tiny-long-prm \
     --algos scope-noise10=scope,prm.noise=0.1,scope-noise30=scope,prm.noise=0.3 \
-    --algos scope-noise50=scope,prm.noise=0.5
+    --algos scope-noise50=scope,prm.noise=0.5 \
+    --out "$runs/full-prm-compare"
