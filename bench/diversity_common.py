@@ -9,7 +9,7 @@ the seed has at least two correct samples, then meaned and paired per seed as `s
 Why: the eval rows distinct-2[correct], distinct_correct@k and strategy_entropy[all] are computed on
 every prompt, so failures cannot move them, but they move with how many samples are correct (with 2,
 4 and 8 correct samples drawn from 24 equally likely orders, distinct-2[correct] is about 0.94, 0.85,
-0.71 and the entropy 0.96, 1.88, 2.74 bits for the same policy). Here the per-prompt estimate is
+0.71 and the entropy 0.96, 1.88, 2.72 bits for the same policy). Here the per-prompt estimate is
 unbiased at any number of correct samples (tests/test_metrics.py) and the prompt set is one set per
 seed for all arms. What it cannot see: diversity on prompts some arm rarely solves.
 
