@@ -6,7 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from scope_cli.cli.app import app
-from scope_cli.cli.compare import parse_arms
+from scope_cli.cli.compare import check_arms, parse_arms
 from scope_cli.cli.options import sharded_stage
 from scope_cli.core.config import key_choices
 
@@ -27,8 +27,10 @@ def test_sharded_stages_share_their_options():
 
 def test_compare_arms_are_run_algo_values():
     algos = next(p for p in typer.main.get_command(app).commands["compare"].params if p.name == "algos")
-    assert algos.default == ["grpo,luffy,scope"]
-    assert {a.algo for a in parse_arms(algos.default)} <= set(key_choices("run.algo"))
+    arms = parse_arms(algos.default)  # the headline of docs/RESULTS.md
+    assert [a.name for a in arms] == ["grpo", "grpo-ds", "luffy_matched", "vppo", "scope", "scope-model"]
+    assert {a.algo for a in arms} <= set(key_choices("run.algo"))
+    check_arms(arms, None, [])  # every arm's settings are valid config keys and values
 
 
 def test_a_sharded_stage_opens_the_run_and_passes_the_slot(tmp_path, monkeypatch):
