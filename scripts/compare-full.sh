@@ -31,3 +31,8 @@ scope compare --config configs/hard-ood.toml --name full --seeds 3 "${every[@]}"
     --algos scope-noise10=scope,prm.noise=0.1,scope-noise30=scope,prm.noise=0.3 \
     --algos scope-noise50=scope,prm.noise=0.5 \
     --out "$runs/full-prm-compare"
+
+# 5. The hard preset with arith-tiny (a third of the groups all wrong: the regime rectification is for),
+#    3 seeds.
+scope compare --config configs/hard.toml --name full-hard --seeds 3 "${every[@]}" \
+    --algos grpo,luffy_matched,vppo,scope
