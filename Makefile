@@ -65,7 +65,7 @@ round: setup
 
 # The miniature experiment of docs/RESULTS.md. Plain: its headline table (configs/hard-ood.toml, the six
 # main arms of `scope compare`, 3 seeds, 8 rounds = 32 updates; NAME and CONFIG override the preset).
-# FULL=1: the full set (scripts/compare-full.sh: 5 seeds x 25 rounds, the ablations, the default preset,
+# FULL=1: the full set (scripts/compare-full.sh: 5 seeds x 25 rounds, ablations, default and hard presets,
 # the PRM sweep): hours of CPU; every compare resumes, so rerunning continues where one stopped.
 compare: setup
 ifdef FULL
