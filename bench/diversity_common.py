@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scope_cli.cli.compare import arm_name, mean_ci, paired_columns, to_markdown  # noqa: E402
+from scope_cli.cli.compare import arm_name, paired_columns, summary_rows, to_markdown  # noqa: E402
+from scope_cli.cli.status import Checker, stage_summary  # noqa: E402
 from scope_cli.metrics import pair_differ_probability  # noqa: E402
 
 MIN_CORRECT = 2
@@ -52,9 +53,15 @@ def seed_values(runs: Path, name: str, arms: list[str], seed: int, round_: int, 
     samples, and the number of those prompts."""
     by_arm = {}
     for arm in arms:
-        path = runs / arm_name(name, arm, seed) / f"round-{round_:03d}" / "eval" / f"{eval_set}-sampled.parquet"
+        root = runs / arm_name(name, arm, seed)
+        eval_dir = root / f"round-{round_:03d}" / "eval"
+        path = eval_dir / f"{eval_set}-sampled.parquet"
         if not path.is_file():
             raise SystemExit(f"diversity_common: {path} is missing (is round {round_} of that arm evaluated?)")
+        check = Checker(root, verify=True)  # what `scope status --verify` checks: sha256 against the manifests
+        stage_summary(eval_dir, check)
+        if check.problems:
+            raise SystemExit(f"diversity_common: {check.problems[0]}")
         by_arm[arm] = solutions_by_prompt(path)
     common = set.intersection(*({p for p, c in s.items() if sum(c.values()) >= MIN_CORRECT}
                                 for s in by_arm.values()))
@@ -75,30 +82,17 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     runs, arms = Path(args.runs), args.arms.split(",")
-    table = []
+    finals: dict[tuple[str, str, str], dict[int, float]] = {}  # (set, metric, arm) -> seed -> value
     for eval_set in args.sets.split(","):
-        per_arm: dict[str, dict[int, float]] = {arm: {} for arm in arms}
-        prompts = {}
         for seed in range(args.seeds):
-            values, prompts[seed] = seed_values(runs, args.name, arms, seed, args.round, eval_set)
+            values, prompts = seed_values(runs, args.name, arms, seed, args.round, eval_set)
             for arm, value in values.items():
-                per_arm[arm][seed] = value
-        metric = "pair_differ[common]"
-        for arm in arms:
-            mean, low, high = mean_ci(list(per_arm[arm].values()))
-            table.append({"eval_set": eval_set, "metric": metric, "arm": arm, "seeds": len(per_arm[arm]),
-                          "mean": mean, "ci_low": low, "ci_high": high})
-        for first, second in paired_columns(arms):
-            paired = [per_arm[first][s] - per_arm[second][s] for s in sorted(set(per_arm[first]) & set(per_arm[second]))]
-            mean, low, high = mean_ci(paired)
-            table.append({"eval_set": eval_set, "metric": metric, "arm": f"{first}-{second}",
-                          "seeds": len(paired), "mean": mean, "ci_low": low, "ci_high": high})
-        print(f"{eval_set}: common prompts per seed {prompts}", file=sys.stderr)
-        table.append({"eval_set": eval_set, "metric": "common_prompts", "arm": arms[0], "seeds": 1,
-                      "mean": sum(prompts.values()) / len(prompts), "ci_low": 0.0, "ci_high": 0.0})
+                finals.setdefault((eval_set, "pair_differ[common]", arm), {})[seed] = value
+            finals.setdefault((eval_set, "common_prompts", arms[0]), {})[seed] = prompts  # one set for all arms
     columns = arms + [f"{a}-{b}" for a, b in paired_columns(arms)]
     text = (f"# {args.name}: pair_differ[common] at round {args.round}, {args.seeds} seeds "
-            f"(common_prompts: mean per seed)\n\n" + to_markdown(table, columns))
+            f"(common_prompts: prompts per seed, in the first arm's column)\n\n"
+            + to_markdown(summary_rows(finals, arms), columns))
     print(text)
     out = Path(args.out) if args.out else runs / f"{args.name}-compare" / "diversity_common.md"
     from scope_cli.core.files import write_text_atomic

@@ -311,6 +311,12 @@ def summarise(name: str, arms: list[str], seeds: list[int], rounds: int, runs_di
                     finals.setdefault((rec["eval_set"], rec["metric"], arm), {})[seed] = rec["value"]
             for metric, value in run_compute(root, rounds).items():
                 finals.setdefault(("compute", metric, arm), {})[seed] = value
+    return summary_rows(finals, arms)
+
+
+def summary_rows(finals: dict[tuple[str, str, str], dict[int, float]], arms: list[str]) -> list[dict[str, Any]]:
+    """Table rows from values by (eval_set, metric, arm) and seed: each arm's mean and 95% interval
+    over its seeds, then the paired differences of `paired_columns` over the seeds both arms have."""
     table = []
     keys = sorted({(s, m) for s, m, _ in finals})
     for eval_set, metric in keys:
